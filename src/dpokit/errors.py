@@ -14,3 +14,14 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class RunStopped(Exception):
+    """A run that stopped before its end for a reason it reports (a signal, repeated NaNs), with its exit code.
+
+    The state is saved first, so the run can be resumed; the message says where and how.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -43,7 +43,10 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
 def sequence_logps_reference(model: Any, batch: Batch) -> SeqLogps:
     """The plain definition, on the padded layout: full logits, labels shifted by one, masked sum."""
     logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
     ).logits  # (R, T, V)
     r, t = batch.input_ids.shape
     labels = torch.full((r * t,), IGNORE_INDEX, dtype=torch.long, device=logits.device)

@@ -41,7 +41,9 @@ def sigmoid_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float,
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def robust_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float, **_: object) -> LossOutput:
+def robust_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float, **_: object
+) -> LossOutput:
     """Robust DPO (Chowdhury et al. 2024, Eq. 21): unbiased under a label-flip rate `label_smoothing`."""
     z = beta * _logits(pc, pr, rc, rr)
     eps = label_smoothing
@@ -55,14 +57,35 @@ def hinge_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, *
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def ipo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, chosen_lengths: Tensor, rejected_lengths: Tensor, **_: object) -> LossOutput:
+def ipo_loss(
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    *,
+    beta: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    **_: object,
+) -> LossOutput:
     """IPO (Azar et al. 2023, Eq. 17) on per-token average log-ratios, as TRL does: (h - 1/(2 tau))^2, tau = beta."""
     h = (pc - rc) / chosen_lengths.clamp(min=1) - (pr - rr) / rejected_lengths.clamp(min=1)
     losses = (h - 1 / (2 * beta)) ** 2
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def simpo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, gamma: float, chosen_lengths: Tensor, rejected_lengths: Tensor, **_: object) -> LossOutput:
+def simpo_loss(
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    **_: object,
+) -> LossOutput:
     """SimPO (Meng et al. 2024, Eq. 6): reference-free, length-averaged, with target margin gamma.
 
     -log sigmoid(beta * (avg log pi_c - avg log pi_r) - gamma); rewards are beta * avg log pi. The reference

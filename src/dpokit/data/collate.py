@@ -58,7 +58,9 @@ class _Segment:
     ids: list[int]
     positions: list[int]
     branches: list[int]
-    targets: list[tuple[int, int, int]]  # (offset of the predicting token in the segment, target id, sequence)
+    targets: list[
+        tuple[int, int, int]
+    ]  # (offset of the predicting token in the segment, target id, sequence)
 
 
 def _segments(pairs: Sequence[EncodedPair], shared: bool) -> list[_Segment]:
@@ -81,7 +83,11 @@ def _segments(pairs: Sequence[EncodedPair], shared: bool) -> list[_Segment]:
             for response, seq, branch in responses:
                 targets = [(p - 1 + j, tok, seq) for j, tok in enumerate(response)]
                 n = p + len(response)
-                segments.append(_Segment(prompt + response, list(range(n)), [PROMPT] * p + [branch] * len(response), targets))
+                segments.append(
+                    _Segment(
+                        prompt + response, list(range(n)), [PROMPT] * p + [branch] * len(response), targets
+                    )
+                )
     return segments
 
 
@@ -102,7 +108,11 @@ def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def collate(
-    pairs: Sequence[EncodedPair], pad_token_id: int, *, padding_free: bool = False, prefix_sharing: bool = False
+    pairs: Sequence[EncodedPair],
+    pad_token_id: int,
+    *,
+    padding_free: bool = False,
+    prefix_sharing: bool = False,
 ) -> Batch:
     """Lay out `pairs` for one forward pass. With neither option this is TRL's padded layout."""
     segments = _segments(pairs, shared=prefix_sharing)

@@ -32,7 +32,9 @@ def load_pairs(
     pairs: list[Pair] = []
     bad: list[BadRow] = []
     counts: Counter[str] = Counter()
-    fmt: Format | None = None if data_format == "auto" and options.columns is None else _fixed_format(data_format, options)
+    fmt: Format | None = (
+        None if data_format == "auto" and options.columns is None else _fixed_format(data_format, options)
+    )
     for origin, row in iter_rows(source, split=split, data_config=data_config):
         if isinstance(row, BadRow):
             bad.append(row)

@@ -1,0 +1,389 @@
+"""The `dpokit` command line.
+
+Each command is a parser here and a `run(args) -> int` function in the module that does the work, imported only
+when the command runs, so `--help` and input errors answer at once. A `UserError` prints one line and exits with
+code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from dpokit.errors import EXIT_USER_ERROR, RunStopped, UserError
+
+PROG = "dpokit"
+
+DESCRIPTION = """\
+Align a language model with preferences through Direct Preference Optimization.
+
+The workflow, one command per step:
+  dpokit data inspect pairs.jsonl        look at preference data before spending compute on it
+  dpokit generate --prompts p.jsonl ...  no pairs yet? sample answers and let a judge pick best and worst
+  dpokit train config.yaml beta=0.1      DPO with LoRA or full fine-tuning
+  dpokit eval / compare / vibe           did alignment work? reward accuracy, judged win rate, side by side
+  dpokit merge / report                  ship the merged model; read the run as an HTML report
+  dpokit demo                            all of it, offline on a CPU, with the built-in model
+"""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=110)
+
+
+def _command(
+    sub: argparse._SubParsersAction, name: str, target: str, help: str, description: str
+) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=description, formatter_class=_formatter)
+    parser.set_defaults(target=target)
+    return parser
+
+
+# --- train and config ---------------------------------------------------------------------------------------------
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "train",
+        "dpokit.train:run",
+        "train a policy with DPO",
+        "Train with DPO. Settings come from defaults, then CONFIG.yaml, then key=value overrides; `dpokit config` "
+        "lists every key. Writes config.yaml, metrics.jsonl, TensorBoard events, checkpoints, the adapter (or "
+        "model) and summary.json into output_dir.\n\n"
+        "examples:\n"
+        "  dpokit train train_data=pairs.jsonl\n"
+        "  dpokit train configs/smollm2-lora.yaml learning_rate=1e-5 max_steps=200\n"
+        "  dpokit train configs/smollm2-lora.yaml resume=true\n"
+        "  accelerate launch --num_processes 2 -m dpokit train config.yaml",
+    )
+    p.add_argument(
+        "settings", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config and/or overrides"
+    )
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "config",
+        "dpokit.cli:run_config",
+        "print every training key with its default and meaning",
+        "Print every key `dpokit train` accepts, grouped, with its default, type and meaning. With CONFIG.yaml "
+        "and overrides, print the resolved config instead (validated, as a run would use it).",
+    )
+    p.add_argument("settings", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="resolve this config")
+
+
+def run_config(args: argparse.Namespace) -> int:
+    from dpokit import config
+
+    if not args.settings:
+        print(config.describe(), end="")
+        return 0
+    path, overrides = split_settings(args.settings)
+    cfg = config.load_config(path, overrides)
+    import yaml
+
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def split_settings(settings: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides)."""
+    path = None
+    overrides = []
+    for i, item in enumerate(settings):
+        if "=" in item:
+            overrides.append(item)
+        elif i == 0:
+            path = item
+        else:
+            raise UserError(f"cannot read `{item}`: give the config file first, then key=value overrides")
+    return path, overrides
+
+
+# --- data -------------------------------------------------------------------------------------------------------------
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser(
+        "data",
+        help="inspect, prepare and list formats of preference data",
+        description="Look at preference data and turn it into clean train/test triplets.",
+        formatter_class=_formatter,
+    )
+    data_sub = data.add_subparsers(dest="data_command", metavar="{inspect,prepare,formats}", required=True)
+
+    inspect = _command(
+        data_sub,
+        "inspect",
+        "dpokit.data.inspect:run",
+        "row count, format, token lengths and quality warnings",
+        "Print the row count, detected format, token-length percentiles under the model's tokenizer, what the "
+        "length limits would cut, and quality warnings (identical or empty responses, duplicates, length bias).",
+    )
+    inspect.add_argument("data", help="file, folder or hub dataset id")
+    inspect.add_argument(
+        "--model", default=None, help="tokenizer to count tokens with (default: the built-in model)"
+    )
+    _add_data_options(inspect)
+    inspect.add_argument("--plot", metavar="FILE.png", help="write token-length histograms here")
+    inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+    prepare = _command(
+        data_sub,
+        "prepare",
+        "dpokit.data.prepare:run",
+        "write normalized, deduplicated train/test triplets",
+        "Normalize any supported layout to conversational prompt/chosen/rejected triplets, drop duplicates and "
+        "over-long pairs, and split off a test set. Prints how many rows went where and why.",
+    )
+    prepare.add_argument("data", help="file, folder or hub dataset id")
+    prepare.add_argument(
+        "--output", required=True, metavar="OUT.jsonl", help="training triplets (test split beside it)"
+    )
+    prepare.add_argument(
+        "--model", default=None, help="tokenizer for length filtering (default: the built-in model)"
+    )
+    _add_data_options(prepare)
+    prepare.add_argument(
+        "--test-size", type=float, default=0.1, help="share of pairs held out for testing (default 0.1)"
+    )
+    prepare.add_argument("--seed", type=int, default=42, help="seed of the train/test split (default 42)")
+    limit = prepare.add_mutually_exclusive_group()
+    limit.add_argument("--max-length", type=int, default=None, help="drop pairs longer than this many tokens")
+    limit.add_argument(
+        "--filter-percentile", type=float, default=None, help="drop pairs longer than this length percentile"
+    )
+
+    _command(
+        data_sub,
+        "formats",
+        "dpokit.data.inspect:run_formats",
+        "list the supported data layouts",
+        "List every data layout dpokit reads, with the columns it expects.",
+    )
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="train", help="split of a hub dataset (default train)")
+    p.add_argument("--data-config", default=None, help="config name of a hub dataset")
+    p.add_argument(
+        "--data-format", default="auto", help="layout of the rows (default auto: detect and print)"
+    )
+    p.add_argument(
+        "--columns",
+        default=None,
+        help="column mapping, e.g. '{prompt: question, chosen: good, rejected: bad}'",
+    )
+    p.add_argument(
+        "--multi-turn",
+        choices=("reject", "trim"),
+        default="reject",
+        help="implicit-prompt rows that differ early",
+    )
+    p.add_argument(
+        "--min-score-margin", type=float, default=0.0, help="rated responses: least score gap for a pair"
+    )
+    p.add_argument(
+        "--max-bad-rows", type=int, default=0, help="bad rows tolerated before failing (default 0)"
+    )
+    p.add_argument(
+        "--chat-template", default=None, help="Jinja chat template, or a file with one, to use instead"
+    )
+
+
+# --- generate, evaluate, compare, chat, vibe, merge, report -------------------------------------------------------------
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "generate",
+        "dpokit.generate:run",
+        "sample answers to prompts and pair the best with the worst",
+        "Sample several answers per prompt, score them with a judge and write best-vs-worst pairs, ready for "
+        "`dpokit train`. Rows are appended as they are made; rerunning the same command continues where it "
+        "stopped.\n\n"
+        "judges:\n"
+        "  python:module:function      your function(prompt, response) -> float (also python:path/file.py:fn)\n"
+        "  reward-model:ID             a sequence-classification reward model\n"
+        "  llm:MODEL                   a local causal LM asked for a 1-10 score\n"
+        "  openai:MODEL@BASE_URL       any OpenAI-compatible endpoint; key from $OPENAI_API_KEY",
+    )
+    p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model to sample from")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder on top of --model")
+    p.add_argument(
+        "--prompts", required=True, help="JSONL/JSON/CSV/text file (one prompt per line) or hub dataset id"
+    )
+    p.add_argument("--num-samples", type=int, default=4, help="answers per prompt (default 4)")
+    p.add_argument("--judge", required=True, help="judge spec (see above)")
+    p.add_argument("--output", required=True, metavar="PAIRS.jsonl", help="pairs file (appended, resumable)")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "eval",
+        "dpokit.evaluate:run_eval",
+        "implicit-reward accuracy and margin on held-out pairs",
+        "Score held-out pairs with the implicit DPO reward beta * (log pi - log pi_ref), as RewardBench's DPO "
+        "mode: reward accuracy, mean margin and mean log-probs, as JSON.",
+    )
+    p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="base model (the reference)")
+    p.add_argument(
+        "--adapter", default=None, help="LoRA adapter (the policy); without it --model is the policy"
+    )
+    p.add_argument("--data", required=True, help="held-out pairs")
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "compare",
+        "dpokit.evaluate:run_compare",
+        "judge two models' answers pairwise, in both orders",
+        "Generate answers from model A and model B and judge every pair in both orders. A win counts only when "
+        "both orders agree, otherwise it is a tie (MT-Bench's rule). Writes answers, judgments and summary.json.",
+    )
+    p.add_argument("--model-a", required=True, help="first model (usually the base)")
+    p.add_argument("--adapter-a", default=None, help="LoRA adapter on model A")
+    p.add_argument("--model-b", required=True, help="second model (usually the aligned one)")
+    p.add_argument("--adapter-b", default=None, help="LoRA adapter on model B")
+    p.add_argument(
+        "--prompts", required=True, help="prompts file, MT-Bench question.jsonl, or hub dataset id"
+    )
+    p.add_argument("--judge", required=True, help="judge spec, as for generate")
+    p.add_argument(
+        "--output", required=True, metavar="DIR", help="folder for answers, judgments and summary.json"
+    )
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "chat",
+        "dpokit.evaluate:run_chat",
+        "chat with a model in the terminal",
+        "Interactive chat with the model's chat template. /reset clears the conversation, /exit leaves.",
+    )
+    p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model")
+    p.add_argument("--adapter", default=None, help="LoRA adapter on the model")
+
+
+def _add_vibe(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "vibe",
+        "dpokit.evaluate:run_vibe",
+        "base and aligned answers side by side",
+        "Answer a few prompts with the base model and with the adapter, print them side by side and save them.",
+    )
+    p.add_argument("--model", default=None, help="base model (default: the adapter's own base)")
+    p.add_argument("--adapter", required=True, help="LoRA adapter (the aligned model)")
+    p.add_argument("--prompts", required=True, help="prompts file")
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "merge",
+        "dpokit.evaluate:run_merge",
+        "merge a LoRA adapter into its base model",
+        "Merge a LoRA adapter into its base and save safetensors plus tokenizer, loadable with plain AutoModelForCausalLM.from_pretrained. Checks that merged and unmerged logits agree.",
+    )
+    p.add_argument("--adapter", required=True, help="LoRA adapter folder")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for the merged model")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "report",
+        "dpokit.report:run",
+        "write an HTML report of a run",
+        "Write RUN_DIR/report.html (with PNG plots): losses, rewards, accuracies, learning rate, config, data statistics, and any comparison or vibe check found in the run folder.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a `dpokit train` output folder")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "demo",
+        "dpokit.demo:run",
+        "the whole workflow offline on a CPU with the built-in model",
+        "Run the whole workflow offline on the built-in SmolLM2-135M-Instruct.",
+    )
+    p.add_argument(
+        "--output", default="demo-output", metavar="DIR", help="folder for everything the demo makes"
+    )
+
+
+COMMANDS = (
+    _add_train,
+    _add_config,
+    _add_data,
+    _add_generate,
+    _add_eval,
+    _add_compare,
+    _add_chat,
+    _add_vibe,
+    _add_merge,
+    _add_report,
+    _add_demo,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dpokit import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=_formatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def _run_target(args: argparse.Namespace) -> int:
+    module_name, func_name = args.target.split(":")
+    return int(getattr(importlib.import_module(module_name), func_name)(args) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--debug` is accepted anywhere on the line, not only before the command
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args = parser.parse_args(argv)
+    args.debug = debug
+    logging.basicConfig(level=logging.INFO if not debug else logging.DEBUG, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _run_target(args)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RunStopped as e:
+        if debug:
+            raise
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
