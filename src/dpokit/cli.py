@@ -127,9 +127,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "length limits would cut, and quality warnings (identical or empty responses, duplicates, length bias).",
     )
     inspect.add_argument("data", help="file, folder or hub dataset id")
-    inspect.add_argument(
-        "--model", default=None, help="tokenizer to count tokens with (default: the built-in model)"
-    )
+    inspect.add_argument("--model", default=None, help="tokenizer to count tokens with (default: the built-in model)")
     _add_data_options(inspect)
     inspect.add_argument("--plot", metavar="FILE.png", help="write token-length histograms here")
     inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
@@ -146,9 +144,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prepare.add_argument(
         "--output", required=True, metavar="OUT.jsonl", help="training triplets (test split beside it)"
     )
-    prepare.add_argument(
-        "--model", default=None, help="tokenizer for length filtering (default: the built-in model)"
-    )
+    prepare.add_argument("--model", default=None, help="tokenizer for length filtering (default: the built-in model)")
     _add_data_options(prepare)
     prepare.add_argument(
         "--test-size", type=float, default=0.1, help="share of pairs held out for testing (default 0.1)"
@@ -172,9 +168,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train", help="split of a hub dataset (default train)")
     p.add_argument("--data-config", default=None, help="config name of a hub dataset")
-    p.add_argument(
-        "--data-format", default="auto", help="layout of the rows (default auto: detect and print)"
-    )
+    p.add_argument("--data-format", default="auto", help="layout of the rows (default auto: detect and print)")
     p.add_argument(
         "--columns",
         default=None,
@@ -186,18 +180,12 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         default="reject",
         help="implicit-prompt rows that differ early",
     )
-    p.add_argument(
-        "--min-score-margin", type=float, default=0.0, help="rated responses: least score gap for a pair"
-    )
-    p.add_argument(
-        "--max-bad-rows", type=int, default=0, help="bad rows tolerated before failing (default 0)"
-    )
-    p.add_argument(
-        "--chat-template", default=None, help="Jinja chat template, or a file with one, to use instead"
-    )
+    p.add_argument("--min-score-margin", type=float, default=0.0, help="rated responses: least score gap for a pair")
+    p.add_argument("--max-bad-rows", type=int, default=0, help="bad rows tolerated before failing (default 0)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template, or a file with one, to use instead")
 
 
-# --- generate, evaluate, compare, chat, vibe, merge, report -------------------------------------------------------------
+# --- generate, evaluate, compare, chat, vibe, merge, report ---------------------------------------------------
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -217,9 +205,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model to sample from")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder on top of --model")
-    p.add_argument(
-        "--prompts", required=True, help="JSONL/JSON/CSV/text file (one prompt per line) or hub dataset id"
-    )
+    p.add_argument("--prompts", required=True, help="JSONL/JSON/CSV/text file (one prompt per line) or hub dataset id")
     p.add_argument("--num-samples", type=int, default=4, help="answers per prompt (default 4)")
     p.add_argument("--judge", required=True, help="judge spec (see above)")
     p.add_argument("--output", required=True, metavar="PAIRS.jsonl", help="pairs file (appended, resumable)")
@@ -235,9 +221,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "mode: reward accuracy, mean margin and mean log-probs, as JSON.",
     )
     p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="base model (the reference)")
-    p.add_argument(
-        "--adapter", default=None, help="LoRA adapter (the policy); without it --model is the policy"
-    )
+    p.add_argument("--adapter", default=None, help="LoRA adapter (the policy); without it --model is the policy")
     p.add_argument("--data", required=True, help="held-out pairs")
 
 
@@ -254,13 +238,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter-a", default=None, help="LoRA adapter on model A")
     p.add_argument("--model-b", required=True, help="second model (usually the aligned one)")
     p.add_argument("--adapter-b", default=None, help="LoRA adapter on model B")
-    p.add_argument(
-        "--prompts", required=True, help="prompts file, MT-Bench question.jsonl, or hub dataset id"
-    )
+    p.add_argument("--prompts", required=True, help="prompts file, MT-Bench question.jsonl, or hub dataset id")
     p.add_argument("--judge", required=True, help="judge spec, as for generate")
-    p.add_argument(
-        "--output", required=True, metavar="DIR", help="folder for answers, judgments and summary.json"
-    )
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for answers, judgments and summary.json")
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
@@ -294,7 +274,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         "merge",
         "dpokit.evaluate:run_merge",
         "merge a LoRA adapter into its base model",
-        "Merge a LoRA adapter into its base and save safetensors plus tokenizer, loadable with plain AutoModelForCausalLM.from_pretrained. Checks that merged and unmerged logits agree.",
+        "Merge a LoRA adapter into its base and save safetensors plus tokenizer, loadable with plain "
+        "AutoModelForCausalLM.from_pretrained. Checks that merged and unmerged logits agree.",
     )
     p.add_argument("--adapter", required=True, help="LoRA adapter folder")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the merged model")
@@ -306,7 +287,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "report",
         "dpokit.report:run",
         "write an HTML report of a run",
-        "Write RUN_DIR/report.html (with PNG plots): losses, rewards, accuracies, learning rate, config, data statistics, and any comparison or vibe check found in the run folder.",
+        "Write RUN_DIR/report.html (with PNG plots): losses, rewards, accuracies, learning rate, config, data "
+        "statistics, and any comparison or vibe check found in the run folder.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `dpokit train` output folder")
 
@@ -319,9 +301,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "the whole workflow offline on a CPU with the built-in model",
         "Run the whole workflow offline on the built-in SmolLM2-135M-Instruct.",
     )
-    p.add_argument(
-        "--output", default="demo-output", metavar="DIR", help="folder for everything the demo makes"
-    )
+    p.add_argument("--output", default="demo-output", metavar="DIR", help="folder for everything the demo makes")
 
 
 COMMANDS = (

@@ -74,9 +74,7 @@ class DPOConfig:
     train_data: str | None = option(
         None, "Training pairs: a JSON/JSONL/CSV/Parquet file, a folder of them, or a hub dataset id.", "data"
     )
-    train_split: str = option(
-        "train", "Split of a hub dataset (or of a folder with split files) to train on.", "data"
-    )
+    train_split: str = option("train", "Split of a hub dataset (or of a folder with split files) to train on.", "data")
     train_data_config: str | None = option(None, "Config name of a hub dataset that has several.", "data")
     eval_data: str | None = option(None, "Held-out pairs, in any form `train_data` takes.", "data")
     eval_split: str = option("test", "Split of `eval_data` to evaluate on.", "data")
@@ -119,8 +117,7 @@ class DPOConfig:
     )
     truncation_mode: str = option(
         "keep_start",
-        "Which end of an over-long prompt+response survives `max_length`: `keep_start` (TRL's default) or "
-        "`keep_end`.",
+        "Which end of an over-long prompt+response survives `max_length`: `keep_start` (TRL's default) or `keep_end`.",
         "data",
         choices=("keep_start", "keep_end"),
     )
@@ -132,9 +129,7 @@ class DPOConfig:
     )
 
     # --- training ------------------------------------------------------------------------------------------------
-    output_dir: str = option(
-        "runs/dpo", "Folder for the config, metrics, checkpoints and the final adapter.", "train"
-    )
+    output_dir: str = option("runs/dpo", "Folder for the config, metrics, checkpoints and the final adapter.", "train")
     overwrite_output_dir: bool = option(
         False, "Replace a finished run in `output_dir` instead of stopping with an error.", "train"
     )
@@ -151,28 +146,18 @@ class DPOConfig:
         "train",
     )
     num_train_epochs: float = option(1.0, "Passes over the training pairs (fractions allowed).", "train")
-    max_steps: int = option(
-        -1, "Optimizer steps to run; overrides `num_train_epochs` when positive.", "train"
-    )
-    warmup_ratio: float = option(
-        0.1, "Share of steps with a linear learning-rate warm-up from zero.", "train"
-    )
+    max_steps: int = option(-1, "Optimizer steps to run; overrides `num_train_epochs` when positive.", "train")
+    warmup_ratio: float = option(0.1, "Share of steps with a linear learning-rate warm-up from zero.", "train")
     warmup_steps: int = option(0, "Warm-up steps; overrides `warmup_ratio` when positive.", "train")
-    lr_scheduler_type: str = option(
-        "linear", "Learning-rate decay after warm-up.", "train", choices=LR_SCHEDULERS
-    )
+    lr_scheduler_type: str = option("linear", "Learning-rate decay after warm-up.", "train", choices=LR_SCHEDULERS)
     weight_decay: float = option(0.0, "AdamW weight decay.", "train")
     adam_beta1: float = option(0.9, "AdamW beta1.", "train")
     adam_beta2: float = option(0.999, "AdamW beta2.", "train")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.", "train")
-    max_grad_norm: float = option(
-        1.0, "Clip the global gradient norm to this; 0 turns clipping off.", "train"
-    )
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 turns clipping off.", "train")
     seed: int = option(42, "Seed for data order, LoRA initialisation and dropout.", "train")
     logging_steps: int = option(10, "Log averaged metrics every this many optimizer steps.", "train")
-    eval_steps: int = option(
-        0, "Evaluate on `eval_data` every this many steps; 0 evaluates once, at the end.", "train"
-    )
+    eval_steps: int = option(0, "Evaluate on `eval_data` every this many steps; 0 evaluates once, at the end.", "train")
     save_steps: int = option(500, "Write a resumable checkpoint every this many steps; 0 never.", "train")
     save_total_limit: int | None = option(
         None, "Keep at most this many checkpoints; the newest complete one is never deleted.", "train"
@@ -235,9 +220,7 @@ class DPOConfig:
     )
     lora_r: int = option(16, "LoRA rank.", "lora")
     lora_alpha: int = option(32, "LoRA scaling numerator (the update is scaled by alpha / r).", "lora")
-    lora_dropout: float = option(
-        0.05, "Dropout on the LoRA input (off when `disable_dropout` is true).", "lora"
-    )
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input (off when `disable_dropout` is true).", "lora")
     lora_target_modules: list[str] = option(
         ["all-linear"],
         "Modules that get adapters: `all-linear` or a list of names like `q_proj,v_proj`.",
@@ -351,9 +334,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
                 raise bad from None
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise bad
         return dict(value)
     raise TypeError(f"no conversion for {tp}")
@@ -477,9 +458,7 @@ def validate(cfg: DPOConfig) -> None:
     need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
     need(cfg.min_score_margin >= 0, "min_score_margin", "must be 0 or more")
     need(cfg.max_length is None or cfg.max_length >= 2, "max_length", "must be at least 2 tokens")
-    need(
-        cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length", "must be at least 1"
-    )
+    need(cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length", "must be at least 1")
     if cfg.max_length is not None and cfg.max_prompt_length is not None:
         need(cfg.max_prompt_length < cfg.max_length, "max_prompt_length", "must be below max_length")
     need(cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit", "must be at least 1")
@@ -491,9 +470,7 @@ def validate(cfg: DPOConfig) -> None:
     need(bool(cfg.lora_target_modules), "lora_target_modules", "must name at least one module, or all-linear")
     need(bool(cfg.model_name_or_path.strip()), "model_name_or_path", "must name a model")
     need(bool(cfg.output_dir.strip()), "output_dir", "must name a folder")
-    need(
-        not (cfg.resume and cfg.resume_from), "resume", "set either resume=true or resume_from=PATH, not both"
-    )
+    need(not (cfg.resume and cfg.resume_from), "resume", "set either resume=true or resume_from=PATH, not both")
     need(
         not (cfg.overwrite_output_dir and (cfg.resume or cfg.resume_from)),
         "overwrite_output_dir",
@@ -508,8 +485,7 @@ def validate(cfg: DPOConfig) -> None:
     )
     if cfg.columns is not None:
         need(
-            set(cfg.columns) <= {"prompt", "chosen", "rejected"}
-            and {"chosen", "rejected"} <= set(cfg.columns),
+            set(cfg.columns) <= {"prompt", "chosen", "rejected"} and {"chosen", "rejected"} <= set(cfg.columns),
             "columns",
             "maps chosen, rejected and optionally prompt to your column names",
         )

@@ -29,9 +29,7 @@ class SeqLogps:
 
 
 def split_sequences(per_sequence: torch.Tensor, lengths: torch.Tensor, num_pairs: int) -> SeqLogps:
-    return SeqLogps(
-        per_sequence[:num_pairs], per_sequence[num_pairs:], lengths[:num_pairs], lengths[num_pairs:]
-    )
+    return SeqLogps(per_sequence[:num_pairs], per_sequence[num_pairs:], lengths[:num_pairs], lengths[num_pairs:])
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

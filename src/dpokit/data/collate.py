@@ -58,9 +58,7 @@ class _Segment:
     ids: list[int]
     positions: list[int]
     branches: list[int]
-    targets: list[
-        tuple[int, int, int]
-    ]  # (offset of the predicting token in the segment, target id, sequence)
+    targets: list[tuple[int, int, int]]  # (offset of the predicting token in the segment, target id, sequence)
 
 
 def _segments(pairs: Sequence[EncodedPair], shared: bool) -> list[_Segment]:
@@ -84,9 +82,7 @@ def _segments(pairs: Sequence[EncodedPair], shared: bool) -> list[_Segment]:
                 targets = [(p - 1 + j, tok, seq) for j, tok in enumerate(response)]
                 n = p + len(response)
                 segments.append(
-                    _Segment(
-                        prompt + response, list(range(n)), [PROMPT] * p + [branch] * len(response), targets
-                    )
+                    _Segment(prompt + response, list(range(n)), [PROMPT] * p + [branch] * len(response), targets)
                 )
     return segments
 

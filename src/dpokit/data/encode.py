@@ -33,9 +33,7 @@ class EncodedPair:
 class EncodedDataset:
     pairs: list[EncodedPair]
     origins: list[str]
-    counts: dict[str, int] = field(
-        default_factory=dict
-    )  # what the length policy did, e.g. {"responses truncated": 3}
+    counts: dict[str, int] = field(default_factory=dict)  # what the length policy did, e.g. {"responses truncated": 3}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -90,9 +88,7 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], batch_size: int = 512) -
             prompt_len = min(
                 common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full)
             )
-            encoded.append(
-                EncodedPair(prompt_ids[:prompt_len], chosen_full[prompt_len:], rejected_full[prompt_len:])
-            )
+            encoded.append(EncodedPair(prompt_ids[:prompt_len], chosen_full[prompt_len:], rejected_full[prompt_len:]))
     return encoded
 
 

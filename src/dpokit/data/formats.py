@@ -79,9 +79,7 @@ def check_messages(value: Any, column: str) -> list[Message]:
         if role not in ROLES:
             raise RowError(f"column {column!r} message {i} has unknown role {role!r}")
         if not isinstance(content, str):
-            raise RowError(
-                f"column {column!r} message {i} content must be text, got {type(content).__name__}"
-            )
+            raise RowError(f"column {column!r} message {i} content must be text, got {type(content).__name__}")
         messages.append({"role": role, "content": content})
     return messages
 
@@ -93,9 +91,7 @@ def check_conversation(prompt: list[Message], chosen: list[Message], rejected: l
             if message["role"] == "system" and not (name == "prompt" and i == 0):
                 raise RowError(f"roles out of order: {name} has a system message at position {i}")
     if prompt[-1]["role"] not in ("user", "tool"):
-        raise RowError(
-            f"roles out of order: the prompt must end with a user turn, not {prompt[-1]['role']!r}"
-        )
+        raise RowError(f"roles out of order: the prompt must end with a user turn, not {prompt[-1]['role']!r}")
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         if messages[0]["role"] != "assistant":
             raise RowError(f"roles out of order: {name} must start with an assistant turn")

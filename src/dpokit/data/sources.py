@@ -63,9 +63,7 @@ def _iter_json(path: Path) -> Iterator[Row]:
     except UnicodeDecodeError as e:
         raise UserError(f"data file {path}: undecodable bytes (not UTF-8) at byte {e.start}") from None
     except json.JSONDecodeError as e:
-        raise UserError(
-            f"data file {path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
-        ) from None
+        raise UserError(f"data file {path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}
     if not isinstance(data, list):
