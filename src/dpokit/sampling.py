@@ -1,0 +1,81 @@
+"""Answering conversations with a model: batched generation with left padding and the chat template.
+
+Used by `generate` (several samples per prompt), `compare` and `vibe` (one answer per prompt) and the demo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dpokit.data import Message
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    num_samples: int = 1
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    batch_size: int = 16  # sequences per generate() call
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_samples": self.num_samples,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+        }
+
+
+@torch.no_grad()
+def generate_responses(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[list[Message]],
+    settings: SamplingSettings,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[str]]:
+    """`settings.num_samples` answers to each conversation, in order; `on_batch(n)` reports n answers done.
+
+    Each generate() call is seeded from `settings.seed` and the index of its first prompt, so the same prompts
+    with the same settings give the same answers.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    rendered = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    greedy = settings.temperature <= 0
+    # one row per (prompt, sample); all samples of a prompt go in one generate() call with the prompt's own seed
+    per_call = max(1, settings.batch_size // max(1, settings.num_samples))
+    results: list[list[str]] = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    try:
+        for start in range(0, len(rendered), per_call):
+            texts = rendered[start : start + per_call]
+            rows = [t for t in texts for _ in range(settings.num_samples)]
+            inputs = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            torch.manual_seed(settings.seed * 1_000_003 + start)
+            out = model.generate(
+                **inputs,
+                do_sample=not greedy,
+                temperature=settings.temperature if not greedy else None,
+                top_p=settings.top_p if not greedy else None,
+                top_k=None,
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i in range(len(texts)):
+                chunk = answers[i * settings.num_samples : (i + 1) * settings.num_samples]
+                results.append([a.strip() for a in chunk])
+            if on_batch is not None:
+                on_batch(len(rows))
+    finally:
+        tokenizer.padding_side = padding_side
+    return results
