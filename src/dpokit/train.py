@@ -289,8 +289,11 @@ def evaluate(run: Run) -> dict[str, float]:
 def train(cfg: DPOConfig) -> dict[str, Any]:
     """Run DPO as configured; returns the summary also written to `summary.json`."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    # a second train() in the same process (a notebook, the tests) may ask for another precision
+    AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=_precision(cfg), log_with="tensorboard", project_dir=cfg.output_dir)
     out = Path(cfg.output_dir)
     resume_from = prepare_output_dir(cfg, acc)
@@ -738,7 +741,7 @@ class _Quiet:
 def _console(acc: Any) -> Any:
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False) if acc.is_main_process else _Quiet()
+    return Console(stderr=True, highlight=False, soft_wrap=True) if acc.is_main_process else _Quiet()
 
 
 @contextmanager
