@@ -11,12 +11,13 @@ from dpokit.cli import main
 from dpokit.config import DPOConfig, describe, keys, load_config, save_config
 from dpokit.errors import UserError
 
-TRL_KEYS = (
-    "model_name_or_path train_data eval_data output_dir learning_rate per_device_train_batch_size per_device_eval_batch_size "
-    "gradient_accumulation_steps num_train_epochs max_steps warmup_ratio lr_scheduler_type max_grad_norm beta loss_type "
-    "label_smoothing max_length max_prompt_length seed logging_steps eval_steps save_steps gradient_checkpointing bf16 "
-    "precompute_ref_log_probs use_peft lora_r lora_alpha lora_dropout lora_target_modules simpo_gamma rpo_alpha"
-).split()
+TRL_KEYS = """
+    model_name_or_path train_data eval_data output_dir learning_rate per_device_train_batch_size
+    per_device_eval_batch_size gradient_accumulation_steps num_train_epochs max_steps warmup_ratio lr_scheduler_type
+    max_grad_norm beta loss_type label_smoothing max_length max_prompt_length seed logging_steps eval_steps save_steps
+    gradient_checkpointing bf16 precompute_ref_log_probs use_peft lora_r lora_alpha lora_dropout lora_target_modules
+    simpo_gamma rpo_alpha
+""".split()
 
 
 def test_every_key_the_issue_names_exists() -> None:
