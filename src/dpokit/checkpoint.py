@@ -163,3 +163,50 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "data_stats.json", CHECKPOINTS, "adapter", "model")
+
+
+def prepare_output_dir(
+    output_dir: Path, *, resume: bool, resume_from: str | None, overwrite: bool, is_main: bool
+) -> Path | None:
+    """Check the run folder before anything expensive; returns the checkpoint to resume from, if any.
+
+    A folder holding another run is never overwritten unless asked; an unwritable one is found by a write
+    probe now rather than at the first checkpoint.
+    """
+    existing = [name for name in RUN_FILES if (output_dir / name).exists()]
+    checkpoint: Path | None = None
+    if resume_from:
+        checkpoint = Path(resume_from)
+        if not is_complete(checkpoint):
+            raise UserError(f"resume_from={resume_from} is not a complete checkpoint folder (checkpoints/step-N)")
+    elif resume:
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            raise UserError(f"resume=true but {output_dir}/{CHECKPOINTS} holds no complete checkpoint")
+    elif existing and not overwrite:
+        raise UserError(
+            f"output_dir {output_dir} holds another run ({', '.join(existing)}); continue it with resume=true, "
+            "replace it with overwrite_output_dir=true, or choose another output_dir"
+        )
+    if is_main:
+        write_probe(output_dir)
+        if overwrite:
+            for name in existing:
+                target = output_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        clean_incomplete(output_dir)
+    return checkpoint
+
+
+def write_probe(folder: Path) -> None:
+    """Fail now, not after an hour, if nothing can be written to `folder`."""
+    probe = folder / ".write-probe"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output folder {folder} is not writable ({e.strerror}); choose another folder") from None

@@ -21,9 +21,13 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpokit.config import DPOConfig
+from dpokit.console import progress
 from dpokit.data.collate import Batch
 from dpokit.data.encode import EncodedDataset
 from dpokit.logprobs import SeqLogps, SequenceLogps
+from dpokit.losses import REFERENCE_FREE
+from dpokit.models import cache_dir, resolve_model_path
 
 RefLogps = tuple[torch.Tensor, torch.Tensor]  # (chosen, rejected), each (B,)
 
@@ -155,3 +159,52 @@ def load_table(path: Path, expected_rows: int) -> torch.Tensor | None:
     except Exception:  # a damaged cache file is recomputed, never trusted
         return None
     return table if table.shape == (expected_rows, 2) else None
+
+
+def live_reference(cfg: DPOConfig, policy: SequenceLogps, autocast: Any) -> LiveReference | None:
+    """The reference model that runs during training (or for the one precomputing pass), if the loss needs one."""
+    if cfg.loss_type in REFERENCE_FREE:
+        return None
+    if cfg.use_peft:
+        return adapter_off_reference(policy, autocast)
+    if cfg.precompute_ref_log_probs:
+        return LiveReference(policy, nullcontext, autocast)  # before the first step the policy is the reference
+    return frozen_copy_reference(policy, autocast)
+
+
+def build_reference(
+    cfg: DPOConfig, acc: Any, live: LiveReference | None, data: EncodedDataset, make_batch: Any, console: Any
+) -> Reference:
+    """The reference the config asks for; a precomputed table comes from the cache when model and data match."""
+    if live is None:
+        return NoReference()
+    if not cfg.precompute_ref_log_probs:
+        return live
+    settings = {"precision": acc.mixed_precision, "attn": cfg.attn_implementation}
+    path = cache_path(cache_dir(), model_fingerprint(resolve_model_path(cfg.model_name_or_path)), data, settings)
+    table = load_table(path, len(data))
+    if table is not None:
+        console.print(f"reference log-probs: from cache {path}")
+        return PrecomputedReference(table)
+    batch_size = cfg.precompute_ref_batch_size or 4 * cfg.per_device_eval_batch_size
+    with progress(console, len(data), label="reference log-probs", unit="pairs") as update:
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n * acc.num_processes
+            update(min(done[0], len(data)))
+
+        table = compute_reference_table(
+            live.forward,
+            data,
+            make_batch,
+            batch_size,
+            acc.process_index,
+            acc.num_processes,
+            gather=lambda t: acc.gather(t.to(acc.device)).cpu(),
+            on_batch=tick,
+        )
+    if acc.is_main_process:
+        save_table(table, path)
+    acc.wait_for_everyone()
+    return PrecomputedReference(table)

@@ -1,28 +1,25 @@
 """The DPO training recipe: config in, aligned adapter (or model) out.
 
-Reads top to bottom: set up the output folder and accelerate, load and check the data (before any model, so a
-bad row fails in seconds), load the policy and wrap it with LoRA, get the reference log-probs, then run the
-optimizer steps with logging, evaluation and checkpoints, and save the result.
+Reads top to bottom: check the output folder, load and check the data (before any model, so a bad row fails in
+seconds), load the policy with LoRA, get the reference log-probs, then run the optimizer steps with logging,
+evaluation and checkpoints, and save the result.
 
 The data order is a pure function of (seed, step): step s of an epoch takes the s-th slice of a seeded
-permutation. A resumed run therefore continues exactly where it stopped, and a run on a different number of
-processes sees the same global batches. Every process takes an equal share of each global batch; the loss is
-the mean over the global batch whatever the split into processes and accumulation steps.
+permutation. A resumed run therefore continues exactly where it stopped, and a run on another number of
+processes sees the same global batches. Each process takes an equal share of a global batch, and the loss is
+the mean over the global batch however it is split into processes and accumulation passes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import resource
-import shutil
-import signal
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,41 +28,17 @@ import yaml
 
 from dpokit import checkpoint as ckpt
 from dpokit.config import DPOConfig, load_config
+from dpokit.console import StopRequest, make_console, progress, stop_signals
 from dpokit.data.collate import Batch, collate
 from dpokit.data.encode import EncodedDataset, apply_length_policy, encode_pairs
 from dpokit.data.formats import Options
 from dpokit.data.load import load_pairs
 from dpokit.errors import RunStopped, UserError
-from dpokit.logprobs import SequenceLogps
-from dpokit.losses import REFERENCE_FREE, preference_loss, rpo_nll
-from dpokit.models import (
-    add_lora,
-    bf16_is_fast,
-    cache_dir,
-    count_parameters,
-    disable_dropout,
-    is_builtin,
-    load_model,
-    load_tokenizer,
-    resolve_model_path,
-)
-from dpokit.reference import (
-    LiveReference,
-    NoReference,
-    PrecomputedReference,
-    Reference,
-    adapter_off_reference,
-    cache_path,
-    compute_reference_table,
-    frozen_copy_reference,
-    load_table,
-    model_fingerprint,
-    save_table,
-)
+from dpokit.logprobs import SeqLogps, SequenceLogps
+from dpokit.losses import preference_loss, rpo_nll
+from dpokit.models import add_lora, bf16_is_fast, count_parameters, disable_dropout, load_model, load_tokenizer
+from dpokit.reference import Reference, build_reference, live_reference
 
-log = logging.getLogger("dpokit")
-
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "data_stats.json", "checkpoints", "adapter", "model")
 METRICS = (
     "loss",
     "rewards/chosen",
@@ -86,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- data order -------------------------------------------------------------------------------------------------
+# --- data order ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -99,8 +72,8 @@ class Schedule:
     total_steps: int
 
     @classmethod
-    def from_config(cls, cfg: DPOConfig, num_pairs: int, world_size: int) -> Schedule:
-        global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    def from_config(cls, cfg: DPOConfig, num_pairs: int, num_processes: int) -> Schedule:
+        global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
         per_epoch = math.ceil(num_pairs / global_batch)
         total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
         return cls(num_pairs, global_batch, cfg.seed, total)
@@ -109,21 +82,19 @@ class Schedule:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.num_pairs / self.global_batch)
 
-    def epoch(self, step: int) -> float:
-        """Epochs completed after `step` optimizer steps."""
-        return step / self.steps_per_epoch
+    def epoch(self, steps_done: int) -> float:
+        return round(steps_done / self.steps_per_epoch, 4)
 
     def indices(self, step: int) -> list[int]:
         """Pair indices of optimizer step `step` (0-based); the last step of an epoch may be smaller."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.num_pairs, generator=generator)
+        order = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
         return order[within * self.global_batch : (within + 1) * self.global_batch].tolist()
 
 
-def shard(indices: list[int], rank: int, world_size: int) -> tuple[list[int], list[float]]:
+def shard(indices: list[int], rank: int, num_processes: int) -> tuple[list[int], list[float]]:
     """This process's equal share of a global batch, padded with zero-weight repeats when it does not divide."""
-    per_process = math.ceil(len(indices) / world_size)
+    per_process = math.ceil(len(indices) / num_processes)
     mine = indices[rank * per_process : (rank + 1) * per_process]
     weights = [1.0] * len(mine)
     while len(mine) < per_process:  # every process must run the same number of forward/backward passes
@@ -135,7 +106,7 @@ def shard(indices: list[int], rank: int, world_size: int) -> tuple[list[int], li
 def micro_batches(
     indices: list[int], weights: list[float], size: int, data: EncodedDataset, group_by_length: bool
 ) -> list[tuple[list[int], list[float]]]:
-    """Split a process's share into forward passes; grouping by length changes padding, not the step's gradient."""
+    """A process's share split into forward passes. Grouping by length cuts padding, not the step's gradient."""
     order = list(range(len(indices)))
     if group_by_length:
         order.sort(key=lambda i: -data.pairs[indices[i]].num_tokens)
@@ -145,78 +116,32 @@ def micro_batches(
     ]
 
 
-# --- metrics ----------------------------------------------------------------------------------------------------
+# --- metrics ------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class MetricWindow:
-    """Pair-weighted sums of the metrics since the last log line; summed over processes when read."""
+    """Pair-weighted sums of the metrics since the last log line, summed over processes when read."""
 
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRICS, 0.0))
     pairs: float = 0.0
 
     def add(self, values: dict[str, torch.Tensor], weights: torch.Tensor) -> None:
         for key, value in values.items():
-            self.sums[key] += float((value.detach().float() * weights).sum())
+            self.sums[key] += float((value.detach().float() * weights).sum())  # note: a sync point, once per pass
         self.pairs += float(weights.sum())
 
-    def means(self, reduce: Any) -> dict[str, float]:
-        totals = reduce(torch.tensor([self.pairs, *self.sums.values()], dtype=torch.float64))
+    def means(self, acc: Any) -> dict[str, float]:
+        local = torch.tensor([self.pairs, *self.sums.values()], dtype=torch.float64, device=acc.device)
+        totals = acc.reduce(local, "sum").cpu()
         pairs = max(float(totals[0]), 1.0)
         return {key: float(total) / pairs for key, total in zip(self.sums, totals[1:], strict=True)}
 
 
-def pair_metrics(
-    losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, logps: Any
-) -> dict[str, torch.Tensor]:
-    """Per-pair values of TRL's metrics, averaged later; `.item()` happens only when logging."""
-    return {
-        "loss": losses,
-        "rewards/chosen": chosen_rewards,
-        "rewards/rejected": rejected_rewards,
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-        "rewards/margins": chosen_rewards - rejected_rewards,
-        "logps/chosen": logps.chosen,
-        "logps/rejected": logps.rejected,
-    }
-
-
-# --- the run ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """Everything the step loop needs, built once by `train`."""
-
-    cfg: DPOConfig
-    accelerator: Any
-    policy: Any  # SequenceLogps, possibly wrapped by DDP/FSDP
-    peft: bool
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    reference: Reference
-    eval_reference: Reference | None
-    train_set: EncodedDataset
-    eval_set: EncodedDataset | None
-    schedule: Schedule
-    pad_token_id: int
-    output_dir: Path
-    tokenizer: Any
-    config_yaml: str
-
-    def batch(self, data: EncodedDataset, indices: Sequence[int]) -> Batch:
-        pairs = [data.pairs[i] for i in indices]
-        layout = dict(padding_free=self.cfg.padding_free, prefix_sharing=self.cfg.prefix_sharing)
-        return collate(pairs, self.pad_token_id, **layout).to(self.accelerator.device)
-
-    def unwrapped(self) -> SequenceLogps:
-        return self.accelerator.unwrap_model(self.policy)
-
-
 def loss_and_metrics(
-    run: Run, logps: Any, ref: tuple[torch.Tensor, torch.Tensor]
+    cfg: DPOConfig, logps: SeqLogps, ref: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    cfg = run.cfg
+    """Per-pair losses and the per-pair values of TRL's metrics (averaged when logged)."""
     losses, chosen_rewards, rejected_rewards = preference_loss(
         cfg.loss_type,
         logps.chosen,
@@ -231,59 +156,59 @@ def loss_and_metrics(
     )
     if cfg.rpo_alpha is not None:
         losses = losses + cfg.rpo_alpha * rpo_nll(logps.chosen, logps.chosen_lengths)
-    return losses, pair_metrics(losses, chosen_rewards, rejected_rewards, logps)
-
-
-def train_step(run: Run, step: int, window: MetricWindow) -> dict[str, float]:
-    """One optimizer step over global batch `step`; returns its grad norm, loss, pairs and tokens."""
-    acc = run.accelerator
-    indices = run.schedule.indices(step)
-    mine, weights = shard(indices, acc.process_index, acc.num_processes)
-    passes = micro_batches(mine, weights, run.cfg.per_device_train_batch_size, run.train_set, run.cfg.group_by_length)
-    # mean over the global batch: DDP averages over processes, hence the factor num_processes
-    scale = acc.num_processes / len(indices)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    tokens = 0
-    for k, (idx, w) in enumerate(passes):
-        batch = run.batch(run.train_set, idx)
-        w_t = torch.tensor(w, device=acc.device)
-        sync = k == len(passes) - 1  # gradients are all-reduced once per step, on the last pass
-        with nullcontext() if sync else acc.no_sync(run.policy):
-            logps = run.policy(batch)
-            losses, values = loss_and_metrics(run, logps, run.reference.logps(batch, idx))
-            acc.backward((losses * w_t).sum() * scale)
-        window.add(values, w_t)
-        loss_sum += float((losses.detach() * w_t).sum())
-        tokens += batch.num_tokens
-    params = [p for p in run.policy.parameters() if p.requires_grad]
-    grad_norm = acc.clip_grad_norm_(params, run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else math.inf)
-    totals = acc.reduce(torch.tensor([float(loss_sum), float(sum(weights)), float(tokens)], device=acc.device), "sum")
-    return {
-        "grad_norm": float(grad_norm),
-        "loss": float(totals[0] / max(float(totals[1]), 1.0)),
-        "pairs": float(totals[1]),
-        "tokens": float(totals[2]),
+    return losses, {
+        "loss": losses,
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": logps.chosen,
+        "logps/rejected": logps.rejected,
     }
 
 
-@torch.no_grad()
-def evaluate(run: Run) -> dict[str, float]:
-    """Loss and reward metrics on every eval pair, sharded over processes."""
-    assert run.eval_set is not None and run.eval_reference is not None
-    acc = run.accelerator
-    policy = run.unwrapped()
-    policy.eval()
-    window = MetricWindow()
-    everything = list(range(len(run.eval_set)))
-    mine, weights = shard(everything, acc.process_index, acc.num_processes)
-    for idx, w in micro_batches(mine, weights, run.cfg.per_device_eval_batch_size, run.eval_set, True):
-        batch = run.batch(run.eval_set, idx)
-        with acc.autocast():
-            logps = policy(batch)
-        _, values = loss_and_metrics(run, logps, run.eval_reference.logps(batch, idx))
-        window.add(values, torch.tensor(w, device=acc.device))
-    policy.train()
-    return {f"eval/{k}": v for k, v in window.means(lambda t: acc.reduce(t.to(acc.device), "sum").cpu()).items()}
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must carry besides weights and optimizer to continue exactly."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    runtime: float = 0.0
+    pairs: float = 0.0
+    tokens: float = 0.0
+    window: dict[str, Any] | None = None  # the open logging window
+
+
+@dataclass
+class Run:
+    """Everything the step loop needs, built once by `train`."""
+
+    cfg: DPOConfig
+    acc: Any
+    policy: Any  # SequenceLogps, wrapped by DDP/FSDP when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    reference: Reference
+    eval_reference: Reference | None
+    train_set: EncodedDataset
+    eval_set: EncodedDataset | None
+    schedule: Schedule
+    tokenizer: Any
+    console: Any
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    def batch(self, data: EncodedDataset, indices: Sequence[int]) -> Batch:
+        return make_batch(self.cfg, self.tokenizer.pad_token_id, data, indices, self.acc.device)
+
+    def unwrapped_model(self) -> Any:
+        return self.acc.unwrap_model(self.policy).model
 
 
 def train(cfg: DPOConfig) -> dict[str, Any]:
@@ -292,56 +217,47 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    # a second train() in the same process (a notebook, the tests) may ask for another precision
-    AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision=_precision(cfg), log_with="tensorboard", project_dir=cfg.output_dir)
+    AcceleratorState._reset_state()  # a second train() in one process (a notebook, the tests) may change precision
+    acc = Accelerator(mixed_precision=precision(cfg), log_with="tensorboard", project_dir=cfg.output_dir)
     out = Path(cfg.output_dir)
-    resume_from = prepare_output_dir(cfg, acc)
+    resume_from = ckpt.prepare_output_dir(
+        out,
+        resume=cfg.resume,
+        resume_from=cfg.resume_from,
+        overwrite=cfg.overwrite_output_dir,
+        is_main=acc.is_main_process,
+    )
+    acc.wait_for_everyone()
     set_seed(cfg.seed)
-    console = _console(acc)
+    console = make_console(acc.is_main_process)
 
     # Data first: a bad row must fail in seconds, before a model is loaded.
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
-    train_set, train_stats = load_split(cfg, tokenizer, "train", out, console)
-    eval_set, eval_stats = load_split(cfg, tokenizer, "eval", out, console) if cfg.eval_data else (None, None)
+    train_set, train_stats = load_split(cfg, tokenizer, "train", console)
+    eval_set, eval_stats = load_split(cfg, tokenizer, "eval", console) if cfg.eval_data else (None, None)
 
-    model = load_model(
-        cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
-    )
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    if cfg.use_peft:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed)
-    if cfg.disable_dropout:
-        disable_dropout(model)
-    model.to(acc.device)
-    model.train()
+    model = load_policy(cfg, acc.device)
     policy = SequenceLogps(model, cfg.logits_chunk_size)
 
-    schedule = Schedule.from_config(cfg, len(train_set), acc.num_processes)
-    pad_id = tokenizer.pad_token_id
-    live = live_reference(cfg, policy, acc)
-    reference = build_reference(cfg, acc, policy, live, train_set, pad_id, console)
-    eval_reference = build_reference(cfg, acc, policy, live, eval_set, pad_id, console) if eval_set else None
-    del live  # a frozen copy stays alive only inside the references that run it
+    def batches_of(data: EncodedDataset) -> Any:
+        return lambda indices: make_batch(cfg, tokenizer.pad_token_id, data, indices, acc.device)
 
+    live = live_reference(cfg, policy, acc.autocast)
+    reference = build_reference(cfg, acc, live, train_set, batches_of(train_set), console)
+    eval_reference = build_reference(cfg, acc, live, eval_set, batches_of(eval_set), console) if eval_set else None
+    del live  # a frozen copy now lives only where a reference still runs it
+
+    schedule = Schedule.from_config(cfg, len(train_set), acc.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        trainable,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
+        trainable, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.weight_decay
     )
-    scheduler = _scheduler(cfg, optimizer, schedule.total_steps)
+    scheduler = make_scheduler(cfg, optimizer, schedule.total_steps)
     policy, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
-    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    run_ = Run(
+    run = Run(
         cfg,
         acc,
         policy,
-        cfg.use_peft,
         optimizer,
         scheduler,
         reference,
@@ -349,198 +265,235 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         train_set,
         eval_set,
         schedule,
-        pad_id,
-        out,
         tokenizer,
-        config_yaml,
+        console,
     )
 
-    state = {
-        "step": 0,
-        "skipped_steps": 0,
-        "nonfinite_in_a_row": 0,
-        "runtime": 0.0,
-        "pairs": 0.0,
-        "tokens": 0.0,
-        "window": None,
-    }
-    if resume_from is not None:
-        state = resume(run_, resume_from, console)
+    state = resume(run, resume_from) if resume_from is not None else TrainState()
     if acc.is_main_process:
-        (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        _write_json(out / "data_stats.json", {"train": train_stats, "eval": eval_stats})
-        _print_header(console, cfg, acc, model, train_set, eval_set, schedule)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        write_json(out / "data_stats.json", {"train": train_stats, "eval": eval_stats})
+        print_header(run, model)
     acc.init_trackers("tensorboard")
-    summary = loop(run_, state, console)
-    acc.end_training()
-    return summary
+    try:
+        with stop_signals() as stop:
+            loop(run, state, stop)
+    finally:
+        acc.end_training()
+    return finish(run, state)
 
 
-def loop(run: Run, state: dict[str, Any], console: Any) -> dict[str, Any]:
-    """Optimizer steps from `state["step"]` to the end, with logging, evaluation, checkpoints and stops."""
-    cfg, acc, schedule = run.cfg, run.accelerator, run.schedule
-    window = MetricWindow(**state["window"]) if state.get("window") else MetricWindow()
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
-    with _stop_signals() as stop, _progress(console, acc, schedule.total_steps, state["step"]) as progress:
-        while state["step"] < schedule.total_steps:
+def make_batch(
+    cfg: DPOConfig, pad_id: int, data: EncodedDataset, indices: Sequence[int], device: torch.device
+) -> Batch:
+    """Pairs `indices` of `data` in the layout the speed keys select, on `device`."""
+    pairs = [data.pairs[i] for i in indices]
+    return collate(pairs, pad_id, padding_free=cfg.padding_free, prefix_sharing=cfg.prefix_sharing).to(device)
+
+
+def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
+    """The model to train: LoRA on a frozen base, or every weight; dropout off as TRL does by default."""
+    model = load_model(
+        cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
+    )
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.use_peft:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    return model.to(device).train()
+
+
+def loop(run: Run, state: TrainState, stop: StopRequest) -> None:
+    """Optimizer steps from `state.step` to the end, with logging, evaluation, checkpoints and clean stops."""
+    cfg, acc, schedule = run.cfg, run.acc, run.schedule
+    window = MetricWindow(**state.window) if state.window else MetricWindow()
+    with progress(run.console, schedule.total_steps, state.step, "training", "steps") as update:
+        while state.step < schedule.total_steps:
             started = time.perf_counter()
-            stats = train_step(run, state["step"], window)
+            stats = train_step(run, state.step, window)
             finite = math.isfinite(stats["grad_norm"]) and math.isfinite(stats["loss"])
             if finite:
                 run.optimizer.step()
-                state["nonfinite_in_a_row"] = 0
+                state.nonfinite_in_a_row = 0
             else:  # a NaN or inf never reaches the weights
-                state["skipped_steps"] += 1
-                state["nonfinite_in_a_row"] += 1
+                state.skipped_steps += 1
+                state.nonfinite_in_a_row += 1
+                run.console.print(f"step {state.step + 1}: loss or gradient is not finite; skipped")
             run.optimizer.zero_grad(set_to_none=True)
-            lr = run.scheduler.get_last_lr()[0]
+            learning_rate = run.scheduler.get_last_lr()[0]
             run.scheduler.step()
-            state["step"] += 1
-            step = state["step"]
-            state["runtime"] += time.perf_counter() - started
-            state["pairs"] += stats["pairs"]
-            state["tokens"] += stats["tokens"]
-            progress(step, state["pairs"] / max(state["runtime"], 1e-9))
-            if not finite:
-                console.print(
-                    f"step {step}: loss or gradient is not finite; step skipped "
-                    f"({state['nonfinite_in_a_row']} in a row)"
-                )
-            if step % cfg.logging_steps == 0 or step == schedule.total_steps:
-                last_train = window.means(lambda t: acc.reduce(t.to(acc.device), "sum").cpu())
-                row = {
-                    "step": step,
-                    "epoch": round(schedule.epoch(step), 4),
-                    **last_train,
-                    "learning_rate": lr,
-                    "grad_norm": stats["grad_norm"],
-                }
-                log_row(run, row, console)
+            state.step += 1
+            state.runtime += time.perf_counter() - started
+            state.pairs += stats["pairs"]
+            state.tokens += stats["tokens"]
+            update(state.step, f"{state.pairs / state.runtime:.2f} pairs/s")
+
+            step, last = state.step, state.step == schedule.total_steps
+            if step % cfg.logging_steps == 0 or last:
+                means = window.means(acc)
+                row = {"step": step, "epoch": schedule.epoch(step), **means, "learning_rate": learning_rate}
+                log_row(run, {**row, "grad_norm": stats["grad_norm"]})
                 window = MetricWindow()
-            if run.eval_set is not None and (
-                (cfg.eval_steps and step % cfg.eval_steps == 0) or step == schedule.total_steps
-            ):
-                last_eval = evaluate(run)
-                log_row(run, {"step": step, "epoch": round(schedule.epoch(step), 4), **last_eval}, console)
-            state["window"] = {"sums": window.sums, "pairs": window.pairs}
-            if state["nonfinite_in_a_row"] > cfg.max_nonfinite_steps:
+            if run.eval_set is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last):
+                log_row(run, {"step": step, "epoch": schedule.epoch(step), **evaluate(run)})
+            state.window = asdict(window)
+            if state.nonfinite_in_a_row > cfg.max_nonfinite_steps:
                 path = save(run, state)
                 raise RunStopped(
-                    f"training stopped: the loss or gradient was NaN/inf for {state['nonfinite_in_a_row']} steps in a "
-                    f"row (up to step {step}); the weights are the last good ones, saved in {path}; lower "
-                    "learning_rate or check the data, then resume with resume=true"
+                    f"training stopped: the loss or gradient was NaN/inf for {state.nonfinite_in_a_row} steps in a "
+                    f"row (up to step {step}); the last good weights are saved in {path}; lower learning_rate or "
+                    "check the data, then continue with resume=true"
                 )
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < schedule.total_steps:
+            if cfg.save_steps and step % cfg.save_steps == 0 and not last:
                 save(run, state)
-            if _stop_requested(acc, stop):
+            if stop_everywhere(acc, stop):
                 path = save(run, state)
                 raise RunStopped(
-                    f"stopped by {stop['signal']} after step {step}; checkpoint saved in {path}; continue with "
-                    f"`dpokit train ... resume=true`",
-                    exit_code=128 + int(stop["signum"]),
+                    f"stopped by {stop.signal_name} after step {step}; checkpoint saved in {path}; continue with "
+                    "the same command and resume=true",
+                    exit_code=128 + stop.signum,
                 )
-    return finish(run, state, last_train, last_eval, console)
 
 
-def log_row(run: Run, row: dict[str, Any], console: Any) -> None:
-    """One JSON line in metrics.jsonl, TensorBoard scalars, and one compact console line (main process only)."""
-    acc = run.accelerator
-    acc.log({k: v for k, v in row.items() if k not in ("step",)}, step=row["step"])
-    if not acc.is_main_process:
+def train_step(run: Run, step: int, window: MetricWindow) -> dict[str, float]:
+    """Forward and backward over global batch `step`; returns its loss, gradient norm, pairs and tokens."""
+    acc, cfg = run.acc, run.cfg
+    indices = run.schedule.indices(step)
+    mine, weights = shard(indices, acc.process_index, acc.num_processes)
+    passes = micro_batches(mine, weights, cfg.per_device_train_batch_size, run.train_set, cfg.group_by_length)
+    scale = acc.num_processes / len(indices)  # DDP averages gradients over processes; the loss is a global mean
+    loss_sum, tokens = 0.0, 0
+    for k, (idx, w) in enumerate(passes):
+        batch = run.batch(run.train_set, idx)
+        w_t = torch.tensor(w, device=acc.device)
+        last = k == len(passes) - 1  # gradients are all-reduced once per step, after the last pass
+        with nullcontext() if last else acc.no_sync(run.policy):
+            logps = run.policy(batch)
+            losses, values = loss_and_metrics(cfg, logps, run.reference.logps(batch, idx))
+            acc.backward((losses * w_t).sum() * scale)
+        window.add(values, w_t)
+        loss_sum += float((losses.detach() * w_t).sum())
+        tokens += batch.num_tokens
+    params = [p for p in run.policy.parameters() if p.requires_grad]
+    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    local = torch.tensor([loss_sum, sum(weights), tokens], dtype=torch.float64, device=acc.device)
+    loss_total, pairs, tokens_total = acc.reduce(local, "sum").tolist()
+    return {"grad_norm": float(grad_norm), "loss": loss_total / max(pairs, 1.0), "pairs": pairs, "tokens": tokens_total}
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Loss and reward metrics over every eval pair, sharded across processes."""
+    assert run.eval_set is not None and run.eval_reference is not None
+    acc = run.acc
+    policy = acc.unwrap_model(run.policy).eval()
+    window = MetricWindow()
+    mine, weights = shard(list(range(len(run.eval_set))), acc.process_index, acc.num_processes)
+    for idx, w in micro_batches(mine, weights, run.cfg.per_device_eval_batch_size, run.eval_set, True):
+        batch = run.batch(run.eval_set, idx)
+        with acc.autocast():
+            logps = policy(batch)
+        _, values = loss_and_metrics(run.cfg, logps, run.eval_reference.logps(batch, idx))
+        window.add(values, torch.tensor(w, device=acc.device))
+    policy.train()
+    return {f"eval/{key}": value for key, value in window.means(acc).items()}
+
+
+def stop_everywhere(acc: Any, stop: StopRequest) -> bool:
+    """Whether any process was asked to stop: all must stop at the same step, or the others wait forever."""
+    if acc.num_processes == 1:
+        return stop.requested
+    flag = acc.reduce(torch.tensor([float(stop.signum)], device=acc.device), "max")
+    if float(flag) > 0 and not stop.requested:
+        stop.signum, stop.signal_name = int(flag), "a signal to another process"
+    return float(flag) > 0
+
+
+def log_row(run: Run, row: dict[str, Any]) -> None:
+    """A line in metrics.jsonl, TensorBoard scalars, and one compact console line; main process only."""
+    run.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+    if not run.acc.is_main_process:
         return
     with (run.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-    prefix = "eval/" if any(k.startswith("eval/") for k in row) else ""
-    parts = [f"step {row['step']}/{run.schedule.total_steps}", "eval" if prefix else ""]
-    for key, label, fmt in (
-        ("loss", "loss", ".4f"),
-        ("rewards/accuracies", "acc", ".2f"),
-        ("rewards/margins", "margin", ".3f"),
-        ("rewards/chosen", "chosen", ".3f"),
-        ("rewards/rejected", "rejected", ".3f"),
-    ):
-        if prefix + key in row:
-            parts.append(f"{label} {row[prefix + key]:{fmt}}")
+    prefix = "eval/" if "eval/loss" in row else ""
+    parts = [f"step {row['step']}/{run.schedule.total_steps}"] + (["eval"] if prefix else [])
+    shown = {"loss": "loss", "rewards/accuracies": "acc", "rewards/margins": "margin", "rewards/chosen": "chosen"}
+    parts += [f"{label} {row[prefix + key]:.4f}" for key, label in shown.items()]
     if "learning_rate" in row:
-        parts += [f"lr {row['learning_rate']:.2e}", f"|g| {row['grad_norm']:.3f}"]
-    console.print("  ".join(p for p in parts if p))
+        parts += [f"lr {row['learning_rate']:.2e}", f"grad {row['grad_norm']:.3f}"]
+    run.console.print("  ".join(parts))
 
 
-def save(run: Run, state: dict[str, Any]) -> Path:
-    """A checkpoint of the current state (main process writes; every process waits for it)."""
-    acc = run.accelerator
-    path = run.output_dir / ckpt.CHECKPOINTS / f"step-{state['step']}"
+def save(run: Run, state: TrainState) -> Path:
+    """A checkpoint of the current state: the main process writes it, every process waits for it."""
+    acc = run.acc
+    path = run.output_dir / ckpt.CHECKPOINTS / f"step-{state.step}"
     acc.wait_for_everyone()
     if acc.is_main_process:
-        unwrapped = run.unwrapped().model
-        trainer_state = {**state, "global_batch": run.schedule.global_batch, "data": run.train_set.fingerprint()}
-        path = ckpt.save_checkpoint(
+        model = run.unwrapped_model()
+        extra = {"global_batch": run.schedule.global_batch, "data": run.train_set.fingerprint()}
+        ckpt.save_checkpoint(
             run.output_dir,
-            state["step"],
-            model=unwrapped,
+            state.step,
+            model=model,
             optimizer=run.optimizer,
             scheduler=run.scheduler,
-            trainer_state=trainer_state,
-            config_yaml=run.config_yaml,
-            peft_model=unwrapped if run.peft else None,
+            trainer_state={**asdict(state), **extra},
+            config_yaml=yaml.safe_dump(run.cfg.to_dict(), sort_keys=False),
+            peft_model=model if run.cfg.use_peft else None,
         )
         ckpt.rotate_checkpoints(run.output_dir, run.cfg.save_total_limit)
     acc.wait_for_everyone()
     return path
 
 
-def resume(run: Run, path: Path, console: Any) -> dict[str, Any]:
-    state = ckpt.load_checkpoint(path, model=run.unwrapped().model, optimizer=run.optimizer, scheduler=run.scheduler)
-    if state.get("global_batch") != run.schedule.global_batch:
+def resume(run: Run, path: Path) -> TrainState:
+    saved = ckpt.load_checkpoint(path, model=run.unwrapped_model(), optimizer=run.optimizer, scheduler=run.scheduler)
+    if saved.get("global_batch") != run.schedule.global_batch:
         raise UserError(
-            f"checkpoint {path} was trained with a global batch of {state.get('global_batch')} pairs, this run has "
+            f"checkpoint {path} was trained with a global batch of {saved.get('global_batch')} pairs, this run has "
             f"{run.schedule.global_batch} (per_device_train_batch_size x gradient_accumulation_steps x processes); "
             "set them so the product matches"
         )
-    if state.get("data") != run.train_set.fingerprint():
-        raise UserError(
-            f"checkpoint {path} was trained on other data than train_data={run.cfg.train_data}; "
-            "resume with the same data"
-        )
-    console.print(f"resuming from {path} at step {state['step']}")
-    return state
+    if saved.get("data") != run.train_set.fingerprint():
+        raise UserError(f"checkpoint {path} was trained on other data than {run.cfg.train_data}; resume with that data")
+    run.console.print(f"resuming from {path} at step {saved['step']}")
+    return TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
 
 
-def finish(
-    run: Run, state: dict[str, Any], last_train: dict[str, float], last_eval: dict[str, float], console: Any
-) -> dict[str, Any]:
-    """Save the adapter (or full model) with the tokenizer, and summary.json."""
-    acc = run.accelerator
-    acc.wait_for_everyone()
+def finish(run: Run, state: TrainState) -> dict[str, Any]:
+    """Save the adapter (or full model) with its tokenizer, and summary.json."""
+    acc = run.acc
+    rows = [json.loads(line) for line in _read_lines(run.output_dir / "metrics.jsonl")]
     summary = {
-        "steps": state["step"],
-        "epochs": round(run.schedule.epoch(state["step"]), 4),
-        "runtime_seconds": round(state["runtime"], 2),
-        "train_pairs_per_second": round(state["pairs"] / max(state["runtime"], 1e-9), 3),
-        "train_tokens_per_second": round(state["tokens"] / max(state["runtime"], 1e-9), 1),
-        "peak_memory_mb": round(_peak_memory_mb(acc.device), 1),
-        "skipped_steps": state["skipped_steps"],
+        "steps": state.step,
+        "epochs": run.schedule.epoch(state.step),
+        "runtime_seconds": round(state.runtime, 2),
+        "train_pairs_per_second": round(state.pairs / max(state.runtime, 1e-9), 3),
+        "train_tokens_per_second": round(state.tokens / max(state.runtime, 1e-9), 1),
+        "peak_memory_mb": round(peak_memory_mb(acc.device), 1),
+        "skipped_steps": state.skipped_steps,
         "processes": acc.num_processes,
         "global_batch_size": run.schedule.global_batch,
         "train_pairs": len(run.train_set),
-        "final": last_train,
-        "final_eval": last_eval,
+        "final": next((r for r in reversed(rows) if "loss" in r), {}),
+        "final_eval": next((r for r in reversed(rows) if "eval/loss" in r), {}),
     }
+    acc.wait_for_everyone()
     if acc.is_main_process:
-        model = run.unwrapped().model
-        target = run.output_dir / ("adapter" if run.peft else "model")
-        model.save_pretrained(str(target), safe_serialization=True)
+        target = run.output_dir / ("adapter" if run.cfg.use_peft else "model")
+        run.unwrapped_model().save_pretrained(str(target), safe_serialization=True)
         run.tokenizer.save_pretrained(str(target))
-        _write_json(
-            target / "dpokit.json",
-            {"base_model": run.cfg.model_name_or_path, "loss_type": run.cfg.loss_type, "beta": run.cfg.beta},
-        )
+        write_json(target / "dpokit.json", {"base_model": run.cfg.model_name_or_path, "beta": run.cfg.beta})
         summary["output"] = str(target)
-        _write_json(run.output_dir / "summary.json", summary)
-        console.print(
-            f"done: {summary['steps']} steps in {summary['runtime_seconds']:.0f}s "
-            f"({summary['train_pairs_per_second']:.2f} pairs/s); saved {target}"
+        write_json(run.output_dir / "summary.json", summary)
+        run.console.print(
+            f"done: {state.step} steps in {state.runtime:.0f}s ({summary['train_pairs_per_second']} pairs/s), "
+            f"saved {target}"
         )
     acc.wait_for_everyone()
     return summary
@@ -549,50 +502,8 @@ def finish(
 # --- set-up pieces ------------------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(cfg: DPOConfig, acc: Any) -> Path | None:
-    """Check the output folder before anything expensive; returns the checkpoint to resume from, if any."""
-    out = Path(cfg.output_dir)
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    resume_from: Path | None = None
-    if cfg.resume_from:
-        resume_from = Path(cfg.resume_from)
-        if not ckpt.is_complete(resume_from):
-            raise UserError(f"resume_from={cfg.resume_from} is not a complete checkpoint folder (checkpoints/step-N)")
-    elif cfg.resume:
-        resume_from = ckpt.latest_checkpoint(out)
-        if resume_from is None:
-            raise UserError(f"resume=true but {out}/checkpoints holds no complete checkpoint; start without resume")
-    elif existing and not cfg.overwrite_output_dir:
-        raise UserError(
-            f"output_dir {out} holds another run ({', '.join(existing)}); continue it with resume=true, replace it "
-            "with overwrite_output_dir=true, or choose another output_dir"
-        )
-    if acc.is_main_process:
-        _write_probe(out)
-        if cfg.overwrite_output_dir:
-            for name in existing:
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-        ckpt.clean_incomplete(out)
-    acc.wait_for_everyone()
-    return resume_from
-
-
-def _write_probe(out: Path) -> None:
-    """Fail now, not after an hour, if nothing can be written to the output folder."""
-    probe = out / ".write-probe"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output_dir {out} is not writable ({e.strerror}); choose another folder") from None
-
-
-def load_split(
-    cfg: DPOConfig, tokenizer: Any, which: str, out: Path, console: Any
-) -> tuple[EncodedDataset, dict[str, Any]]:
-    """Pairs of `train_data` or `eval_data`, tokenized and cut to the length limits, with what happened to them."""
+def load_split(cfg: DPOConfig, tokenizer: Any, which: str, console: Any) -> tuple[EncodedDataset, dict[str, Any]]:
+    """Pairs of `train_data` or `eval_data`, tokenized and fitted to the length limits, with what happened to them."""
     source = cfg.train_data if which == "train" else cfg.eval_data
     if source is None:
         raise UserError(
@@ -605,11 +516,10 @@ def load_split(
         data_format=cfg.data_format,
         options=Options(multi_turn=cfg.multi_turn, min_score_margin=cfg.min_score_margin, columns=cfg.columns),
         max_bad_rows=cfg.max_bad_rows,
-        rejected_dir=out,
+        rejected_dir=cfg.output_dir,
     )
-    encoded = encode_pairs(tokenizer, loaded.pairs)
     data = apply_length_policy(
-        encoded,
+        encode_pairs(tokenizer, loaded.pairs),
         [p.origin for p in loaded.pairs],
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
@@ -619,218 +529,69 @@ def load_split(
     if not data.pairs:
         raise UserError(f"{source}: every pair is over the length limits ({data.counts}); raise max_length")
     counts = {**loaded.counts, **data.counts, "bad rows": len(loaded.bad_rows)}
-    notes = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-    console.print(
-        f"{which} data: {source} ({loaded.format} format), {len(data)} pairs" + (f"; {notes}" if notes else "")
-    )
+    notes = "".join(f"; {v} {k}" for k, v in counts.items() if v)
+    console.print(f"{which} data: {source} ({loaded.format} format), {len(data)} pairs{notes}")
     stats = {
         "source": source,
         "format": loaded.format,
         "pairs": len(data),
         "counts": counts,
-        "tokens": _length_stats(data),
+        "tokens": length_stats(data),
     }
     return data, stats
 
 
-def _length_stats(data: EncodedDataset) -> dict[str, dict[str, float]]:
+def length_stats(data: EncodedDataset) -> dict[str, dict[str, float]]:
+    """Token-length percentiles of prompts and responses, as trained (after the length policy)."""
     result = {}
     for part in ("prompt", "chosen", "rejected"):
         lengths = torch.tensor([len(getattr(p, f"{part}_ids")) for p in data.pairs], dtype=torch.float32)
-        q = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.95, 0.99]))
-        result[part] = {
-            "p50": float(q[0]),
-            "p90": float(q[1]),
-            "p95": float(q[2]),
-            "p99": float(q[3]),
-            "max": float(lengths.max()),
-        }
+        q = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.95, 0.99])).tolist()
+        result[part] = {"p50": q[0], "p90": q[1], "p95": q[2], "p99": q[3], "max": float(lengths.max())}
     return result
 
 
-def live_reference(cfg: DPOConfig, policy: SequenceLogps, acc: Any) -> LiveReference | None:
-    """The reference model run during training, if the config needs one at all."""
-    if cfg.loss_type in REFERENCE_FREE:
-        return None
-    if cfg.use_peft:
-        return adapter_off_reference(policy, acc.autocast)
-    if cfg.precompute_ref_log_probs:
-        # before the first step the policy is the reference: no copy needed for the one pass
-        return LiveReference(policy, nullcontext, acc.autocast)
-    return frozen_copy_reference(policy, acc.autocast)
-
-
-def build_reference(
-    cfg: DPOConfig,
-    acc: Any,
-    policy: SequenceLogps,
-    live: LiveReference | None,
-    data: EncodedDataset,
-    pad_id: int,
-    console: Any,
-) -> Reference:
-    """The reference log-probs source the config asks for (see reference.py)."""
-    if live is None:
-        return NoReference()
-    if not cfg.precompute_ref_log_probs:
-        return live
-    settings = {"precision": _precision(cfg), "attn": cfg.attn_implementation}
-    model_key = model_fingerprint(resolve_model_path(cfg.model_name_or_path))
-    path = cache_path(cache_dir(), model_key, data, settings)
-    table = load_table(path, len(data))
-    if table is not None:
-        console.print(f"reference log-probs: cached ({path})")
-        return PrecomputedReference(table)
-
-    def make_batch(indices: list[int]) -> Batch:
-        pairs = [data.pairs[i] for i in indices]
-        return collate(pairs, pad_id, padding_free=cfg.padding_free, prefix_sharing=cfg.prefix_sharing).to(acc.device)
-
-    batch_size = cfg.precompute_ref_batch_size or 4 * cfg.per_device_eval_batch_size
-    with _progress(console, acc, len(data), 0, "reference log-probs", "pairs") as progress:
-        done = [0]
-
-        def tick(n: int) -> None:
-            done[0] += n * acc.num_processes
-            progress(min(done[0], len(data)), None)
-
-        gather = lambda t: acc.gather(t.to(acc.device)).cpu()  # noqa: E731
-        table = compute_reference_table(
-            live.forward, data, make_batch, batch_size, acc.process_index, acc.num_processes, gather, tick
-        )
-    if acc.is_main_process:
-        save_table(table, path)
-    acc.wait_for_everyone()
-    return PrecomputedReference(table)
-
-
-def _precision(cfg: DPOConfig) -> str:
+def precision(cfg: DPOConfig) -> str:
+    """accelerate's mixed precision: bf16 autocast when asked, or by default where the hardware runs it fast."""
     if cfg.bf16 is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         return "bf16" if bf16_is_fast(device) else "no"
     return "bf16" if cfg.bf16 else "no"
 
 
-def _scheduler(cfg: DPOConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+def make_scheduler(cfg: DPOConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     from transformers import get_scheduler
 
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
     return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
-# --- console, progress and signals ---------------------------------------------------------------------------------
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
 
 
-class _Quiet:
-    """The console of non-main processes: says nothing."""
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-def _console(acc: Any) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True) if acc.is_main_process else _Quiet()
-
-
-@contextmanager
-def _progress(
-    console: Any, acc: Any, total: int, start: int, label: str = "training", unit: str = "steps"
-) -> Iterator[Any]:
-    """A progress bar with rate and ETA on the main process; yields `update(done, pairs_per_second)`."""
-    if not acc.is_main_process:
-        yield lambda done, rate: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(unit),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(label, total=total, completed=start, rate="")
-
-        def update(done: int, rate: float | None) -> None:
-            bar.update(task, completed=done, rate=f"{rate:.2f} pairs/s" if rate else "")
-
-        yield update
-
-
-@contextmanager
-def _stop_signals() -> Iterator[dict[str, Any]]:
-    """SIGINT/SIGTERM ask for a clean stop after the current step; a second SIGINT interrupts at once."""
-    stop: dict[str, Any] = {"requested": False}
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, frame: Any) -> None:
-        stop.update(requested=True, signal=signal.Signals(signum).name, signum=signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    try:
-        for s in previous:
-            signal.signal(s, handler)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no signal handling
-        pass
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            try:
-                signal.signal(s, h)
-            except ValueError:
-                pass
-
-
-def _stop_requested(acc: Any, stop: dict[str, Any]) -> bool:
-    if acc.num_processes == 1:
-        return bool(stop["requested"])
-    # every process must stop at the same step, or the others wait forever in the next all-reduce
-    flag = acc.reduce(torch.tensor([1.0 if stop["requested"] else 0.0], device=acc.device), "sum")
-    if float(flag) > 0 and not stop["requested"]:
-        stop.update(requested=True, signal="SIGTERM", signum=signal.SIGTERM)
-    return float(flag) > 0
-
-
-def _print_header(
-    console: Any, cfg: DPOConfig, acc: Any, model: Any, train_set: EncodedDataset, eval_set: Any, schedule: Schedule
-) -> None:
+def print_header(run: Run, model: Any) -> None:
+    """The resolved hyperparameters that matter most and the trainable-parameter count, before the first step."""
+    cfg, acc, schedule = run.cfg, run.acc, run.schedule
     trainable, total = count_parameters(model)
-    model_name = cfg.model_name_or_path + (" (built-in)" if is_builtin(cfg.model_name_or_path) else "")
-    console.print(
-        f"model {model_name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%), "
-        f"{'LoRA r=' + str(cfg.lora_r) if cfg.use_peft else 'full fine-tuning'}, precision {_precision(cfg)}, "
-        f"device {acc.device}, {acc.num_processes} process(es)"
+    method = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}" if cfg.use_peft else "full fine-tuning"
+    run.console.print(
+        f"model {cfg.model_name_or_path}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%), {method}; precision {acc.mixed_precision}, device {acc.device}"
     )
-    console.print(
-        f"{len(train_set)} train pairs"
-        + (f", {len(eval_set)} eval pairs" if eval_set else "")
-        + f"; {schedule.total_steps} steps "
-        f"of {schedule.global_batch} pairs ({cfg.per_device_train_batch_size} per device x "
-        f"{cfg.gradient_accumulation_steps} "
-        f"accumulation x {acc.num_processes} processes); loss {cfg.loss_type}, beta {cfg.beta}, lr {cfg.learning_rate}"
+    run.console.print(
+        f"{schedule.total_steps} steps x {schedule.global_batch} pairs ({cfg.per_device_train_batch_size} per device "
+        f"x {cfg.gradient_accumulation_steps} accumulation x {acc.num_processes} processes); loss {cfg.loss_type}, "
+        f"beta {cfg.beta}, learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}); config: "
+        f"{run.output_dir / 'config.yaml'}"
     )
-    console.print(f"resolved config: {Path(cfg.output_dir) / 'config.yaml'}")
