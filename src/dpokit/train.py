@@ -125,6 +125,7 @@ class MetricWindow:
 
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRICS, 0.0))
     pairs: float = 0.0
+    steps: int = 0  # the same on every process, unlike `pairs`
 
     def add(self, values: dict[str, torch.Tensor], weights: torch.Tensor) -> None:
         for key, value in values.items():
@@ -313,15 +314,18 @@ def loop(run: Run, state: TrainState, stop: StopRequest) -> None:
     with progress(run.console, schedule.total_steps, state.step, "training", "steps") as update:
         while state.step < schedule.total_steps:
             started = time.perf_counter()
+            before = MetricWindow(dict(window.sums), window.pairs, window.steps)
             stats = train_step(run, state.step, window)
             finite = math.isfinite(stats["grad_norm"]) and math.isfinite(stats["loss"])
             if finite:
                 run.optimizer.step()
+                window.steps += 1
                 state.nonfinite_in_a_row = 0
-            else:  # a NaN or inf never reaches the weights
+            else:  # a NaN or inf reaches neither the weights nor the logged averages
+                window = before
                 state.skipped_steps += 1
                 state.nonfinite_in_a_row += 1
-                run.console.print(f"step {state.step + 1}: loss or gradient is not finite; skipped")
+                run.console.print(f"step {state.step + 1}: loss or gradient is not finite; step skipped")
             run.optimizer.zero_grad(set_to_none=True)
             learning_rate = run.scheduler.get_last_lr()[0]
             run.scheduler.step()
@@ -332,7 +336,7 @@ def loop(run: Run, state: TrainState, stop: StopRequest) -> None:
             update(state.step, f"{state.pairs / state.runtime:.2f} pairs/s")
 
             step, last = state.step, state.step == schedule.total_steps
-            if step % cfg.logging_steps == 0 or last:
+            if (step % cfg.logging_steps == 0 or last) and window.steps:
                 means = window.means(acc)
                 row = {"step": step, "epoch": schedule.epoch(step), **means, "learning_rate": learning_rate}
                 log_row(run, {**row, "grad_norm": stats["grad_norm"]})
@@ -422,7 +426,7 @@ def log_row(run: Run, row: dict[str, Any]) -> None:
     prefix = "eval/" if "eval/loss" in row else ""
     parts = [f"step {row['step']}/{run.schedule.total_steps}"] + (["eval"] if prefix else [])
     shown = {"loss": "loss", "rewards/accuracies": "acc", "rewards/margins": "margin", "rewards/chosen": "chosen"}
-    parts += [f"{label} {row[prefix + key]:.4f}" for key, label in shown.items()]
+    parts += [f"{label} {float(row[prefix + key]):.4f}" for key, label in shown.items()]
     if "learning_rate" in row:
         parts += [f"lr {row['learning_rate']:.2e}", f"grad {row['grad_norm']:.3f}"]
     run.console.print("  ".join(parts))
@@ -461,6 +465,11 @@ def resume(run: Run, path: Path) -> TrainState:
         )
     if saved.get("data") != run.train_set.fingerprint():
         raise UserError(f"checkpoint {path} was trained on other data than {run.cfg.train_data}; resume with that data")
+    if run.acc.is_main_process:
+        # steps logged after the checkpoint are run again; their first rows would be duplicates
+        metrics = run.output_dir / "metrics.jsonl"
+        kept = [line for line in _read_lines(metrics) if json.loads(line)["step"] <= saved["step"]]
+        metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     run.console.print(f"resuming from {path} at step {saved['step']}")
     return TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
 
