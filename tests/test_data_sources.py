@@ -179,8 +179,12 @@ def test_hub_style_split_names(tmp_path):
     write_parquet(tmp_path / "train_prefs-00000-of-00001.parquet", ROWS[:1])
     write_parquet(tmp_path / "test_prefs-00000-of-00001.parquet", ROWS[1:])
     assert [f.name for f in folder_files(tmp_path, "train_prefs")] == ["train_prefs-00000-of-00001.parquet"]
-    with pytest.raises(UserError, match="test_prefs, train_prefs but none for split `train`"):
+    assert [f.name for f in folder_files(tmp_path, "train")] == ["train_prefs-00000-of-00001.parquet"]
+    write_parquet(tmp_path / "train_sft-00000-of-00001.parquet", ROWS[1:])
+    with pytest.raises(UserError, match="splits train_prefs, train_sft all match split `train`"):
         folder_files(tmp_path, "train")
+    with pytest.raises(UserError, match="test_prefs, train_prefs, train_sft but none for split `validation`"):
+        folder_files(tmp_path, "validation")
 
 
 def test_hub_dataset_that_cannot_be_reached_is_one_line():
@@ -194,3 +198,14 @@ def test_hub_dataset_that_cannot_be_reached_is_one_line():
 def test_path_like_source_that_does_not_exist_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read("./data/pairs")
+
+
+def test_split_prefixes_match_when_unambiguous(tmp_path):
+    write_jsonl(tmp_path / "train_data.jsonl", ROWS[:2])
+    write_jsonl(tmp_path / "test_data.jsonl", ROWS[2:])
+    assert [row for _, row in read(tmp_path, "train")] == ROWS[:2]
+    assert [row for _, row in read(tmp_path, "test")] == ROWS[2:]
+    write_jsonl(tmp_path / "train_extra.jsonl", ROWS[:1])
+    with pytest.raises(UserError, match="splits train_data, train_extra all match split `train`"):
+        read(tmp_path, "train")
+    assert [row for _, row in read(tmp_path, "train_extra")] == ROWS[:1]

@@ -327,7 +327,9 @@ def write_plot(lengths: PairLengths, path: str, stats: dict[str, Any]) -> None:
     if lengths.max_prompt_length:
         axes[0, 0].axvline(lengths.max_prompt_length, color="tab:red", linestyle="--", label="max_prompt_length")
         axes[0, 0].legend()
-    axes[0, 1].hist([column["chosen"], column["rejected"]], bins=50, label=["chosen", "rejected"])
+    bins = np.histogram_bin_edges(np.concatenate([column["chosen"], column["rejected"]]), bins=50)
+    for side in ("chosen", "rejected"):
+        axes[0, 1].hist(column[side], bins=bins, histtype="step", linewidth=1.5, label=side)
     axes[0, 1].set_title("responses")
     axes[0, 1].legend()
     axes[1, 0].hist(column["total"], bins=50, color="tab:purple")
@@ -362,7 +364,7 @@ def run_formats(args: argparse.Namespace) -> int:
     table = Table(title="data formats, in the order `data_format: auto` tries them", title_justify="left")
     table.add_column("name", style="bold")
     table.add_column("columns")
-    table.add_column("meaning")
+    table.add_column("meaning", overflow="fold")
     for fmt in FORMATS.values():
         table.add_row(fmt.name, fmt.columns, fmt.description)
     Console().print(table)

@@ -77,17 +77,19 @@ class PairReader:
     def _detect(self, rows: Iterator[Row]) -> tuple[Format | None, Iterator[Row]]:
         looked: list[Row] = []
         first_row: dict[str, Any] | None = None
+        readable = 0
         for origin, row in rows:
             looked.append((origin, row))
             if isinstance(row, BadRow):
                 continue
+            readable += 1
             first_row = first_row if first_row is not None else row
             fmt = find_format(row)
             if fmt is not None:
                 self.format = fmt.name
                 log.info("%s: format %s (detected)", self.source, fmt.name)
                 return fmt, itertools.chain(looked, rows)
-            if sum(not isinstance(r, BadRow) for _, r in looked) >= DETECT_ROWS:
+            if readable >= DETECT_ROWS:
                 break
         if first_row is not None:
             raise unknown_format(first_row, self.source)

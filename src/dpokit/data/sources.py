@@ -101,12 +101,20 @@ def folder_files(folder: Path, split: str) -> list[Path]:
     )
     if not files:
         raise UserError(f"data folder {folder} holds no .jsonl, .json, .csv or .parquet files")
-    splits = {file: split_of(file, folder, split) for file in files}
-    if all(s is None for s in splits.values()):
+    labels = {file: split_of(file, folder, split) for file in files}
+    if all(label is None for label in labels.values()):
         return files
-    chosen = [f for f, s in splits.items() if s == split.lower() or (s is None and split.lower() == "train")]
+    wanted = split.lower()
+    chosen = [f for f, label in labels.items() if label == wanted]
+    if not chosen:  # `train` also finds train_data.jsonl, if no other train_* name competes
+        chosen = [f for f, label in labels.items() if label is not None and label.split("_")[0] == wanted]
+        names = sorted({labels[f] for f in chosen})
+        if len(names) > 1:
+            raise UserError(f"data folder {folder}: splits {', '.join(names)} all match split `{split}`; pick one")
+    if wanted == "train":  # files that name no split go with train
+        chosen = sorted(chosen + [f for f, label in labels.items() if label is None])
     if not chosen:
-        found = ", ".join(sorted({s for s in splits.values() if s is not None}))
+        found = ", ".join(sorted({label for label in labels.values() if label is not None}))
         raise UserError(f"data folder {folder} has files for splits {found} but none for split `{split}`; pick one")
     log.info("%s: reading split %s from %s", folder, split, ", ".join(str(f.relative_to(folder)) for f in chosen))
     return chosen
@@ -116,7 +124,8 @@ def split_of(file: Path, folder: Path, requested: str) -> str | None:
     """The split a file's name (or its first subfolder) names, or None.
 
     A name counts as a split when it is a usual one (train, test, validation, ...), one of those followed by
-    `_` (train_prefs), or the requested split. The split sits first or last in the file name, between `-` and `.`.
+    `_` (train_prefs, test_data), or the requested split. It sits first or last in the file name, between `-`
+    and `.` (train.jsonl, test-00000-of-00001.parquet, pairs.test.jsonl).
     """
     tokens = re.split(r"[-.]", file.stem.lower())
     candidates = [tokens[0], tokens[-1]]
