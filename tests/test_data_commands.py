@@ -60,6 +60,9 @@ def test_inspect_token_percentiles_limits_and_length_bias(tmp_path, capsys, mode
     # prompts of 16, 18, 20 keep their last 15 tokens; then 5 tokens are left for responses of 6, 6 and 26
     assert stats["length_limits"]["rows_over_limits"] == 3
     assert stats["length_limits"]["effects"] == {"prompts truncated": 3, "responses truncated": 3}
+    limits = ["--max-length", "20", "--max-prompt-length", "15", "--length-policy", "drop"]
+    dropped = run_json(capsys, str(path), "--model", model, *limits)["length_limits"]
+    assert (dropped["rows_over_limits"], dropped["effects"]) == (3, {"dropped: prompt over max_prompt_length": 3})
     assert stats["quality"] == {
         "identical_pairs": 0,
         "empty_responses": 0,
@@ -228,6 +231,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "nodata").mkdir()
     write_jsonl(tmp / "odd.jsonl", [{"question": "q", "answer": "a"}])
     write_jsonl(tmp / "broken.jsonl", [tildes(2, 1, 2), "{broken\n"])
+    write_jsonl(tmp / "typed.jsonl", [{"prompt": "q", "chosen": 3, "rejected": "b"}])
     (tmp / "bytes.jsonl").write_bytes(b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n')
     inspect, prepare = ["data", "inspect"], ["data", "prepare"]
     out = ["--output", str(tmp / "o.jsonl")]
@@ -239,6 +243,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (inspect + [str(tmp / "odd.jsonl")], "unknown format (columns: answer, question)"),
         (inspect + [str(tmp / "broken.jsonl")], "broken.jsonl:2: invalid JSON"),
         (inspect + [str(tmp / "bytes.jsonl")], "bytes.jsonl:1: undecodable bytes"),
+        (inspect + [str(tmp / "typed.jsonl")], "typed.jsonl:1: column 'chosen' must be text, got int"),
+        (inspect + [str(good), "--plot", str(tmp / "plot.xyz")], "--plot"),
         (inspect + [str(good), "--data-format", "nope"], "data format 'nope'"),
         (inspect + [str(good), "--columns", "[a, b]"], "--columns '[a, b]': expected a mapping"),
         (inspect + [str(good), "--columns", "{chosen: x}"], "map chosen, rejected and optionally prompt"),

@@ -141,6 +141,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         default="keep_start",
         help="how training would cut over-long pairs (default keep_start)",
     )
+    inspect.add_argument(
+        "--length-policy",
+        choices=("truncate", "drop"),
+        default="truncate",
+        help="whether training would truncate over-long pairs or drop them (default truncate)",
+    )
     inspect.add_argument("--plot", metavar="FILE.png", help="write token-length histograms here")
     inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
 

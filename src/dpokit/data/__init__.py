@@ -55,3 +55,4 @@ class LoadedPairs:
     counts: dict[str, int] = field(default_factory=dict)  # e.g. {"ties dropped": 3}
     rejected_file: str | None = None  # where the bad rows were written
     rows: int = 0  # rows read from the source, good and bad
+    detected: bool = False  # the format was detected (data_format: auto), not named

@@ -35,10 +35,17 @@ PARTS = ("prompt", "chosen", "rejected", "total")  # total: prompt + the longer 
 class PairLengths:
     """Per-pair numbers of a stream of pairs: token lengths, a content hash, and what the length limits would do."""
 
-    def __init__(self, max_length: int | None, max_prompt_length: int | None, truncation_mode: str) -> None:
+    def __init__(
+        self,
+        max_length: int | None,
+        max_prompt_length: int | None,
+        truncation_mode: str = "keep_start",
+        length_policy: str = "truncate",
+    ) -> None:
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.truncation_mode = truncation_mode
+        self.length_policy = length_policy
         # compact arrays rather than lists of ints: a million pairs take a few megabytes
         self.lengths = {part: array("q") for part in PARTS}
         self.hashes = array("Q")
@@ -57,8 +64,8 @@ class PairLengths:
             self.conversational += pair.conversational
         origins = [pair.origin for pair in pairs]
         limits = {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
-        truncated = apply_length_policy(encoded, origins, **limits, truncation_mode=self.truncation_mode)
-        self.limit_counts.update(truncated.counts)
+        policy = {"truncation_mode": self.truncation_mode, "length_policy": self.length_policy}
+        self.limit_counts.update(apply_length_policy(encoded, origins, **limits, **policy).counts)
         # the drop policy drops every pair that any limit would touch: the number of rows cut, each counted once
         untouched = apply_length_policy(encoded, origins, **limits, length_policy="drop")
         self.rows_over_limits += len(encoded) - len(untouched)
@@ -104,6 +111,7 @@ def summarize(
         "max_length": lengths.max_length,
         "max_prompt_length": lengths.max_prompt_length,
         "truncation_mode": lengths.truncation_mode,
+        "length_policy": lengths.length_policy,
         "rows_over_limits": lengths.rows_over_limits,
         "effects": dict(sorted(lengths.limit_counts.items())),
     }
@@ -186,8 +194,8 @@ def dataset_stats(
     max_length: int | None,
     max_prompt_length: int | None,
     truncation_mode: str = "keep_start",
+    length_policy: str = "truncate",
     tokenizer_name: str = "",
-    detected: bool = True,
 ) -> dict[str, Any]:
     """Statistics of loaded pairs and their token ids (`encode_pairs(tokenizer, loaded.pairs)`, before the length
     policy), as `dpokit data inspect --json` prints them. A JSON-ready dict:
@@ -197,20 +205,20 @@ def dataset_stats(
       `counts` (rows dropped or trimmed by the format, {reason: n});
     - `tokens`: for `prompt`, `chosen`, `rejected` and `total` (prompt + longer response), `p50`, `p90`, `p95`,
       `p99` (linear interpolation), `max` and `mean`;
-    - `length_limits`: `max_length`, `max_prompt_length`, `truncation_mode`, `rows_over_limits` (pairs any limit
-      touches), `effects` (`apply_length_policy` counts: {"prompts truncated": n, ...});
+    - `length_limits`: `max_length`, `max_prompt_length`, `truncation_mode`, `length_policy`, `rows_over_limits`
+      (pairs any limit touches), `effects` (`apply_length_policy` counts: {"prompts truncated": n, ...});
     - `quality`: `identical_pairs`, `empty_responses`, `duplicate_pairs`, `chosen_longer`, `rejected_longer`,
       `chosen_longer_share`;
     - `warnings`: the sentences inspect prints.
     """
-    lengths = PairLengths(max_length, max_prompt_length, truncation_mode)
+    lengths = PairLengths(max_length, max_prompt_length, truncation_mode, length_policy)
     for start in range(0, len(loaded.pairs), CHUNK_PAIRS):
         lengths.add(loaded.pairs[start : start + CHUNK_PAIRS], encoded[start : start + CHUNK_PAIRS])
     return summarize(
         lengths,
         source=loaded.source,
         data_format=loaded.format,
-        detected=detected,
+        detected=loaded.detected,
         rows=loaded.rows or len(loaded.pairs) + len(loaded.bad_rows) + sum(loaded.counts.values()),
         bad_rows=loaded.bad_rows,
         counts=loaded.counts,
@@ -234,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     pair_chunks = chunks(reader, CHUNK_PAIRS)
     first = next(pair_chunks, [])  # a missing or unreadable source fails here, before the tokenizer loads
     tokenizer, tokenizer_name = tokenizer_from_args(args)
-    lengths = PairLengths(args.max_length, args.max_prompt_length, args.truncation_mode)
+    lengths = PairLengths(args.max_length, args.max_prompt_length, args.truncation_mode, args.length_policy)
     for chunk in itertools.chain([first], pair_chunks):
         lengths.add(chunk, encode_pairs(tokenizer, chunk))
     rejected_file = str(write_rejected(reader.bad_rows, args.data, None)) if reader.bad_rows else None
@@ -295,7 +303,7 @@ def print_stats(stats: dict[str, Any], bad_rows: Sequence[BadRow], shown_bad_row
         f"{limits['rows_over_limits']} pairs",
     )
     for reason, count in limits["effects"].items():
-        checks.add_row(f"  {reason} ({limits['truncation_mode']})", str(count))
+        checks.add_row(f"  {reason}", str(count))
     checks.add_row("identical chosen and rejected", str(quality["identical_pairs"]))
     checks.add_row("empty responses (bad rows)", str(quality["empty_responses"]))
     checks.add_row("duplicate pairs", str(quality["duplicate_pairs"]))

@@ -119,6 +119,7 @@ def load_pairs(
     pairs = list(reader)
     loaded = LoadedPairs(pairs, reader.format or data_format, source, reader.bad_rows, dict(reader.counts))
     loaded.rows = reader.rows
+    loaded.detected = reader.detected
     loaded.rejected_file = reader.check(max_bad_rows, rejected_dir)
     if not pairs:
         dropped = ", ".join(f"{n} {reason}" for reason, n in reader.counts.items()) or "none dropped"
