@@ -185,7 +185,7 @@ def test_prepare_normalizes_deduplicates_and_splits_by_prompt(tmp_path, capsys):
     printed = capsys.readouterr().out
     train, test = read_jsonl(out), read_jsonl(out.with_name("pairs.test.jsonl"))
     assert len(train) + len(test) == 11 and len(test) >= 3  # ceil(0.2 * 11)
-    assert f"{source}: 14 rows (format trl): {len(train)} pairs to {out} (train), {len(test)} to " in printed
+    assert f"{source}: 14 rows (format trl, detected): {len(train)} pairs to {out} (train), {len(test)} to " in printed
     assert "left out: 1 bad rows (reasons in" in printed
     assert "1 duplicate pairs, 1 identical chosen and rejected" in printed
     assert (out.parent / "raw.rejected.jsonl").exists()

@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     write_jsonl(train_path, train)
     if test:
         write_jsonl(test_path, test)
-    print(_account(loaded.source, loaded.format, loaded.rows, train_path, len(train), test_path, len(test)))
+    fmt = f"{loaded.format}, detected" if loaded.detected else loaded.format
+    print(_account(loaded.source, fmt, loaded.rows, train_path, len(train), test_path, len(test)))
     print("  left out: " + _left_out(loaded.bad_rows, loaded.rejected_file, loaded.counts, removed))
     trimmed = {reason: n for reason, n in loaded.counts.items() if not reason.startswith("dropped")}
     for reason, count in trimmed.items():
