@@ -129,6 +129,24 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     inspect.add_argument("data", help="file, folder or hub dataset id")
     inspect.add_argument("--model", default=None, help="tokenizer to count tokens with (default: the built-in model)")
     _add_data_options(inspect)
+    inspect.add_argument(
+        "--max-length", type=int, default=1024, help="count pairs longer than this many tokens (default 1024)"
+    )
+    inspect.add_argument(
+        "--max-prompt-length", type=int, default=None, help="count prompts longer than this many tokens"
+    )
+    inspect.add_argument(
+        "--truncation-mode",
+        choices=("keep_start", "keep_end"),
+        default="keep_start",
+        help="how training would cut over-long pairs (default keep_start)",
+    )
+    inspect.add_argument(
+        "--length-policy",
+        choices=("truncate", "drop"),
+        default="truncate",
+        help="whether training would truncate over-long pairs or drop them (default truncate)",
+    )
     inspect.add_argument("--plot", metavar="FILE.png", help="write token-length histograms here")
     inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
@@ -142,18 +160,30 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     prepare.add_argument("data", help="file, folder or hub dataset id")
     prepare.add_argument(
-        "--output", required=True, metavar="OUT.jsonl", help="training triplets (test split beside it)"
+        "--output", required=True, metavar="OUT.jsonl", help="training triplets; the test split goes to OUT.test.jsonl"
     )
     prepare.add_argument("--model", default=None, help="tokenizer for length filtering (default: the built-in model)")
     _add_data_options(prepare)
     prepare.add_argument(
-        "--test-size", type=float, default=0.1, help="share of pairs held out for testing (default 0.1)"
+        "--test-size",
+        type=float,
+        default=0.1,
+        help="share (below 1) or number of pairs held out for testing, whole prompts at a time (default 0.1)",
     )
     prepare.add_argument("--seed", type=int, default=42, help="seed of the train/test split (default 42)")
     limit = prepare.add_mutually_exclusive_group()
-    limit.add_argument("--max-length", type=int, default=None, help="drop pairs longer than this many tokens")
     limit.add_argument(
-        "--filter-percentile", type=float, default=None, help="drop pairs longer than this length percentile"
+        "--max-length",
+        type=int,
+        default=None,
+        help="drop pairs whose prompt + longer response exceeds this many tokens",
+    )
+    limit.add_argument(
+        "--filter-percentile",
+        type=float,
+        default=None,
+        metavar="P",
+        help="drop pairs whose prompt + longer response exceeds the P-th percentile of lengths (e.g. 95)",
     )
 
     _command(
@@ -166,9 +196,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", default="train", help="split of a hub dataset (default train)")
+    p.add_argument(
+        "--split", default="train", help="split of a hub dataset or of a folder of split files (default train)"
+    )
     p.add_argument("--data-config", default=None, help="config name of a hub dataset")
-    p.add_argument("--data-format", default="auto", help="layout of the rows (default auto: detect and print)")
+    p.add_argument(
+        "--data-format", default="auto", help="layout of the rows (default auto: detect); see `dpokit data formats`"
+    )
     p.add_argument(
         "--columns",
         default=None,
@@ -178,10 +212,15 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         "--multi-turn",
         choices=("reject", "trim"),
         default="reject",
-        help="implicit-prompt rows that differ early",
+        help="implicit-prompt rows that differ before the last assistant turn: reject them (default) or trim them back",
     )
     p.add_argument("--min-score-margin", type=float, default=0.0, help="rated responses: least score gap for a pair")
-    p.add_argument("--max-bad-rows", type=int, default=0, help="bad rows tolerated before failing (default 0)")
+    p.add_argument(
+        "--max-bad-rows",
+        type=int,
+        default=0,
+        help="bad rows tolerated (all are written with reasons to NAME.rejected.jsonl) before exit code 2 (default 0)",
+    )
     p.add_argument("--chat-template", default=None, help="Jinja chat template, or a file with one, to use instead")
 
 
