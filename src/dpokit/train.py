@@ -32,6 +32,7 @@ from dpokit.console import StopRequest, make_console, progress, stop_signals
 from dpokit.data.collate import Batch, collate
 from dpokit.data.encode import EncodedDataset, apply_length_policy, encode_pairs
 from dpokit.data.formats import Options
+from dpokit.data.inspect import dataset_stats
 from dpokit.data.load import load_pairs
 from dpokit.errors import RunStopped, UserError
 from dpokit.logprobs import SeqLogps, SequenceLogps
@@ -527,37 +528,22 @@ def load_split(cfg: DPOConfig, tokenizer: Any, which: str, console: Any) -> tupl
         max_bad_rows=cfg.max_bad_rows,
         rejected_dir=cfg.output_dir,
     )
-    data = apply_length_policy(
-        encode_pairs(tokenizer, loaded.pairs),
-        [p.origin for p in loaded.pairs],
+    encoded = encode_pairs(tokenizer, loaded.pairs)
+    limits = dict(
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
         truncation_mode=cfg.truncation_mode,
         length_policy=cfg.length_policy,
     )
+    data = apply_length_policy(encoded, [p.origin for p in loaded.pairs], **limits)
     if not data.pairs:
         raise UserError(f"{source}: every pair is over the length limits ({data.counts}); raise max_length")
-    counts = {**loaded.counts, **data.counts, "bad rows": len(loaded.bad_rows)}
-    notes = "".join(f"; {v} {k}" for k, v in counts.items() if v)
-    console.print(f"{which} data: {source} ({loaded.format} format), {len(data)} pairs{notes}")
-    stats = {
-        "source": source,
-        "format": loaded.format,
-        "pairs": len(data),
-        "counts": counts,
-        "tokens": length_stats(data),
-    }
+    effects = "".join(f"; {n} {what}" for what, n in data.counts.items() if n)
+    console.print(f"{which} data: {len(data)} pairs to train on{effects}")
+    stats = dataset_stats(loaded, encoded, tokenizer_name=cfg.model_name_or_path, **limits)
+    for warning in stats["warnings"]:
+        console.print(f"{which} data warning: {warning}")
     return data, stats
-
-
-def length_stats(data: EncodedDataset) -> dict[str, dict[str, float]]:
-    """Token-length percentiles of prompts and responses, as trained (after the length policy)."""
-    result = {}
-    for part in ("prompt", "chosen", "rejected"):
-        lengths = torch.tensor([len(getattr(p, f"{part}_ids")) for p in data.pairs], dtype=torch.float32)
-        q = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.95, 0.99])).tolist()
-        result[part] = {"p50": q[0], "p90": q[1], "p95": q[2], "p99": q[3], "max": float(lengths.max())}
-    return result
 
 
 def precision(cfg: DPOConfig) -> str:
