@@ -739,12 +739,12 @@ def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from dpokit.judges import load_judge
-
     questions = _limited(read_questions(args.prompts), args.limit)
     output = _compare_output(args)
     settings = _sampling(args)
     side_1, side_2 = _contestants(args)
+    from dpokit.judges import load_judge
+
     judge = load_judge(args.judge)  # before any answer is generated: a bad judge fails in seconds
     summary = compare_models(side_1, side_2, questions, judge, settings, output, bf16=args.bf16, seed=args.seed)
     if summary:
