@@ -227,6 +227,8 @@ def test_cli_bad_inputs_exit_2_before_any_model_loads(tmp_path: Path, capsys: py
     assert main([*base, "--prompts", str(good), "--output", str(taken), "--overwrite"]) == 2
     assert "holds something other than a comparison" in capsys.readouterr().err
     assert (taken / "notes.txt").read_text() == "mine"
+    assert main([*base, "--prompts", str(good), "--output", str(good / "under-a-file")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
     no_b = ["compare", "--judge", "python:x:y", "--prompts", str(good), "--output", str(tmp_path / "o")]
     assert main(no_b) == 2
     assert "--model-b" in capsys.readouterr().err

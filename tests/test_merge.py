@@ -51,6 +51,11 @@ def test_merge_tiny_adapter(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     # an existing, non-empty output folder is left alone
     assert main(["merge", "--adapter", str(adapter), "--output", str(merged)]) == 2
     assert "is not empty" in capsys.readouterr().err
+    # an output that cannot be written is found before the model loads
+    assert main(["merge", "--adapter", str(adapter), "--output", str(merged / "config.json" / "x")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+    assert main(["merge", "--adapter", str(tmp_path / "nowhere"), "--output", str(tmp_path / "m2")]) == 2
+    assert "not a LoRA adapter folder" in capsys.readouterr().err
 
 
 def test_merge_prefers_the_base_named_in_dpokit_json(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@
   needs its starting point named with `--reference`, because nothing else can tell what it moved away from.
 - `compare`: answers from two models, every (question, turn) judged twice with the answers' order swapped. Model
   B wins only when both orders say so, likewise A; any other pair of verdicts is a tie (MT-Bench's rule). A judge
-  that gives no verdict in either order makes a *failure*: counted apart and left out of wins, ties, losses and
+  that gives no verdict in one order or both makes a *failure*: counted apart and left out of wins, ties, losses and
   every rate, as MT-Bench's `show_result.py` drops "error" judgments, so a flaky judge cannot pose as a tie.
 - `chat`, `vibe`: talk to a model; base and aligned answers side by side.
 - `merge`: LoRA folded into its base, saved as a plain transformers model, checked against the unmerged model.
@@ -25,7 +25,6 @@ import contextlib
 import gc
 import hashlib
 import json
-import logging
 import math
 import os
 import re
@@ -41,11 +40,10 @@ from typing import Any
 import torch
 
 from dpokit.data import Message, Pair
+from dpokit.data.encode import EncodedPair
 from dpokit.errors import UserError
 from dpokit.sampling import SamplingSettings, generate_responses
 from dpokit.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, bootstrap_mean_interval
-
-log = logging.getLogger(__name__)
 
 ADAPTER_DIR_NAME = "adapter"  # a run's final adapter: RUN_DIR/adapter
 RUN_CONFIG = "config.yaml"  # what marks a folder as a `dpokit train` run
@@ -92,7 +90,7 @@ def load_for_inference(model_name: str | None, adapter: str | None) -> tuple[Any
     """(model, tokenizer) in eval mode on this process's device, with the adapter attached when given.
 
     The tokenizer comes from the adapter folder when training saved one there (it holds the chat template the
-    adapter was trained with), else from the base model.
+    adapter was trained with), else from the base model with the chat template of the adapter's run, if any.
     """
     from accelerate import PartialState
 
@@ -105,13 +103,24 @@ def load_for_inference(model_name: str | None, adapter: str | None) -> tuple[Any
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(f"adapter folder {adapter} does not exist")
     has_own_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter if has_own_tokenizer else model_name)
+    if has_own_tokenizer:
+        tokenizer = load_tokenizer(str(adapter))
+    else:
+        tokenizer = load_tokenizer(model_name, chat_template=_run_chat_template(adapter))
     model = load_model(model_name)
     if adapter is not None:
         model = load_adapter(model, adapter)
     model.to(PartialState().device)
     model.eval()
     return model, tokenizer
+
+
+def _run_chat_template(adapter: str | None) -> str | None:
+    """The `chat_template` override of the run the adapter was trained in, so answers use the training format."""
+    from dpokit.config import load_config
+
+    run_dir = run_folder_of(adapter)
+    return load_config(run_dir / RUN_CONFIG).chat_template if run_dir is not None else None
 
 
 def bf16_autocast(model: Any, enabled: bool | None) -> contextlib.AbstractContextManager:
@@ -124,13 +133,6 @@ def bf16_autocast(model: Any, enabled: bool | None) -> contextlib.AbstractContex
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _free(model: Any) -> None:
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # --- prompts --------------------------------------------------------------------------------------------------------
@@ -239,8 +241,10 @@ class EvalSettings:
 
 
 @torch.no_grad()
-def sequence_logps_of_pairs(model: Any, tokenizer: Any, encoded: Sequence[Any], settings: EvalSettings) -> Any:
-    """Per-pair summed log-probs (chosen, rejected) of `model`, in batches: two tensors of shape (N,)."""
+def sequence_logps_of_pairs(
+    model: Any, tokenizer: Any, encoded: Sequence[EncodedPair], settings: EvalSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the chosen and of the rejected responses under `model`, in batches: (N,) each."""
     from dpokit.data.collate import collate
     from dpokit.logprobs import SequenceLogps
 
@@ -336,6 +340,9 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError("give either --adapter (reference: the base without it) or --reference, not both")
     run_dir = run_folder_of(args.adapter)
     settings, beta_source = _eval_settings(args, run_dir)
+    output = Path(args.output) if args.output else (run_dir / EVAL_FILE if run_dir is not None else None)
+    if output is not None:
+        ensure_writable(output.resolve().parent, "--output")
     loaded = load_pairs(args.data, split=args.split, data_format=args.data_format, max_bad_rows=args.max_bad_rows)
     model, tokenizer = load_for_inference(args.model, args.adapter)
     reference = None
@@ -353,7 +360,6 @@ def run_eval(args: argparse.Namespace) -> int:
         "beta_from": beta_source,
         **metrics,
     }
-    output = Path(args.output) if args.output else (run_dir / EVAL_FILE if run_dir is not None else None)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
     if output is not None:
@@ -383,7 +389,7 @@ class Game:
 
     @property
     def outcome(self) -> str:
-        """win / tie / loss of model_2, or failure when the judge gave no verdict in either order."""
+        """win / tie / loss of model_2, or failure when the judge gave no verdict in one order or both."""
         if ERROR in (self.g1_winner, self.g2_winner):
             return "failure"
         if self.g1_winner == self.g2_winner == MODEL_2:
@@ -456,7 +462,9 @@ def summarize_by_category(games: Sequence[Game], seed: int = 0) -> dict[str, dic
     return {c: summarize_games([g for g in games if g.category == c], seed=seed) for c in categories}
 
 
-def judged_exchange(question: Question, turn: int, answers_1: Sequence[str], answers_2: Sequence[str]) -> tuple:
+def judged_exchange(
+    question: Question, turn: int, answers_1: Sequence[str], answers_2: Sequence[str]
+) -> tuple[list[Message], str, str]:
     """(prompt, answer_1, answer_2) shown to the judge for turn `turn` (1-based).
 
     The first turn is the question and the two answers. For a later turn the two conversations differ before it
@@ -514,10 +522,12 @@ def answer_questions(
 
 def _answers_of(side: Contestant, questions: Sequence[Question], settings: SamplingSettings, bf16: bool | None):
     model, tokenizer = load_for_inference(side.model, side.adapter)
-    try:
-        return answer_questions(model, tokenizer, questions, settings, bf16)
-    finally:
-        _free(model)
+    answers = answer_questions(model, tokenizer, questions, settings, bf16)
+    del model  # the memory goes back before the other side's model loads
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return answers
 
 
 @dataclass
@@ -701,6 +711,7 @@ def _compare_output(args: argparse.Namespace) -> Path:
             raise UserError(f"output folder {output} is not empty; choose another --output or add --overwrite")
         if not (output / SUMMARY_FILE).is_file():
             raise UserError(f"output folder {output} holds something other than a comparison; choose another --output")
+    ensure_writable(output.resolve().parent, "--output")
     return output
 
 
@@ -759,7 +770,7 @@ def print_comparison(summary: dict[str, Any]) -> None:
 
     a, b = summary["model_a"]["model_id"], summary["model_b"]["model_id"]
     table = Table(title=f"{b} (B) against {a} (A), judged by {summary['judge']}")
-    for column in ("", "wins", "ties", "losses", "failures", "win rate", "adjusted (95% CI)"):
+    for column in ("", "wins", "ties", "losses", "failures", "win rate", "adjusted", "95% CI"):
         table.add_column(column, justify="right" if column else "left")
     rows = [("all", summary)] + list(summary["per_category"].items())
     for name, s in rows:
@@ -770,7 +781,8 @@ def print_comparison(summary: dict[str, Any]) -> None:
             str(s["losses"]),
             str(s["judge_failures"]),
             _percent(s["win_rate"]),
-            f"{_percent(s['win_rate_adjusted'])} ({_percent(s['ci_low'])}-{_percent(s['ci_high'])})",
+            _percent(s["win_rate_adjusted"]),
+            f"{_percent(s['ci_low'])} - {_percent(s['ci_high'])}",
         )
     console = Console()
     console.print(table)
@@ -840,6 +852,7 @@ def run_vibe(args: argparse.Namespace) -> int:
     else:
         run_dir = run_folder_of(args.adapter)
         output = (run_dir if run_dir is not None else Path(args.adapter).resolve().parent) / VIBE_FILE
+    ensure_writable(output.resolve().parent, "--output")
     settings = _sampling(args)
     model, tokenizer = load_for_inference(args.model, args.adapter)
     answers = vibe_check(model, tokenizer, questions, settings, args.bf16)
@@ -926,6 +939,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, model_name: str | None = No
     output = Path(output_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"output folder {output} is not empty; give a new --output folder")
+    ensure_writable(output.resolve().parent, "--output")
     base = model_name or adapter_base_model(adapter_dir)
     save_dtype = _save_dtype(resolve_model_path(base), dtype)
     has_own_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
@@ -982,6 +996,18 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 # --- files ----------------------------------------------------------------------------------------------------------
+
+
+def ensure_writable(folder: Path, what: str) -> None:
+    """Fail in a second, before any model loads, when `folder` (created if missing) cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"{what}: {folder} cannot be written ({e.strerror}); choose a folder you can write to"
+        ) from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
