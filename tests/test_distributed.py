@@ -30,6 +30,8 @@ from dpokit.distributed import gather_in_order, process_state, split_for_process
 from dpokit.errors import UserError
 from test_train import SRC, adapter_weights, metrics, run_train, settings
 
+pytestmark = pytest.mark.distributed
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 STEP_ATOL = 1e-6  # weights after one optimizer step
 WEIGHTS_ATOL = 1e-5  # after several
