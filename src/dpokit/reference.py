@@ -183,7 +183,10 @@ def build_reference(
     settings = {"precision": acc.mixed_precision, "attn": cfg.attn_implementation}
     path = cache_path(cache_dir(), model_fingerprint(resolve_model_path(cfg.model_name_or_path)), data, settings)
     table = load_table(path, len(data))
-    if table is not None:
+    # every process must take the same branch, or the ones that compute wait forever in the gather; on several
+    # machines with their own cache folders, one may lack the file
+    missing_somewhere = acc.reduce(torch.tensor([float(table is None)], device=acc.device), "max")
+    if float(missing_somewhere) == 0:
         console.print(f"reference log-probs: from cache {path}")
         return PrecomputedReference(table)
     batch_size = cfg.precompute_ref_batch_size or 4 * cfg.per_device_eval_batch_size
@@ -204,7 +207,7 @@ def build_reference(
             gather=lambda t: acc.gather(t.to(acc.device)).cpu(),
             on_batch=tick,
         )
-    if acc.is_main_process:
+    if acc.is_local_main_process:  # one writer per machine: each may have its own cache folder
         save_table(table, path)
     acc.wait_for_everyone()
     return PrecomputedReference(table)

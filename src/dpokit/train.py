@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import resource
 import time
@@ -34,6 +35,7 @@ from dpokit.data.encode import EncodedDataset, apply_length_policy, encode_pairs
 from dpokit.data.formats import Options
 from dpokit.data.inspect import dataset_stats
 from dpokit.data.load import load_pairs
+from dpokit.distributed import needs_cpu_backend
 from dpokit.errors import RunStopped, UserError
 from dpokit.logprobs import SeqLogps, SequenceLogps
 from dpokit.losses import preference_loss, rpo_nll
@@ -56,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
     from dpokit.cli import split_settings
 
     path, overrides = split_settings(args.settings)
-    train(load_config(path, overrides))
+    try:
+        train(load_config(path, overrides))
+    finally:
+        # the command owns the group of processes; `train` leaves it open, as a notebook may train again
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -220,7 +227,18 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     AcceleratorState._reset_state()  # a second train() in one process (a notebook, the tests) may change precision
-    acc = Accelerator(mixed_precision=precision(cfg), log_with="tensorboard", project_dir=cfg.output_dir)
+    acc = Accelerator(
+        mixed_precision=precision(cfg),
+        cpu=needs_cpu_backend(),
+        # `Schedule` counts global steps: one scheduler step per optimizer step with any number of processes
+        # (stepped with the optimizer, accelerate would step it once per process, for per-process data loaders)
+        step_scheduler_with_optimizer=False,
+        log_with="tensorboard",
+        project_dir=cfg.output_dir,
+    )
+    check_sharding(acc)
+    if not acc.is_main_process:
+        logging.getLogger("dpokit").setLevel(logging.WARNING)  # the main process reports for all
     out = Path(cfg.output_dir)
     resume_from = ckpt.prepare_output_dir(
         out,
@@ -281,8 +299,21 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         with stop_signals() as stop:
             loop(run, state, stop)
     finally:
-        acc.end_training()
+        for tracker in acc.trackers:
+            tracker.finish()
     return finish(run, state)
+
+
+def check_sharding(acc: Any) -> None:
+    """Refuse FSDP and DeepSpeed before any work: checkpoints and saved weights need whole weights on the main
+    process, and DeepSpeed steps the optimizer inside backward, past the NaN check."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(
+            f"accelerate is configured for {acc.distributed_type.value}, which dpokit train does not support yet; "
+            "launch with DDP (distributed_type: MULTI_GPU, e.g. configs/accelerate/multi-gpu.yaml)"
+        )
 
 
 def make_batch(

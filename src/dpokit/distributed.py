@@ -1,0 +1,74 @@
+"""Several processes on one job: which of them this is, its share of a list, and the results back in order.
+
+accelerate does the work (`PartialState`, `split_between_processes`, `gather_object`). This module adds two things
+it leaves to the caller: the position of a process's share in the whole list (so per-item seeds and outputs do
+not depend on the number of processes), and the choice of the gloo backend on machines without a GPU.
+
+Commands that work through a list of prompts use it like this; the merged list is the same with any number of
+processes, and only the main process writes it:
+
+    state = process_state()
+    mine, start = split_for_process(prompts, state)
+    local = [answer(p, seed=cfg.seed + start + i) for i, p in enumerate(mine)]
+    results = gather_in_order(local, state)
+    if state.is_main_process:
+        write(results)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def needs_cpu_backend() -> bool:
+    """Whether launched processes must talk over gloo on the CPU.
+
+    Under `torchrun` or `accelerate launch --multi_gpu` on a machine without a GPU, accelerate finds no device
+    backend and silently lets every process run alone as process 0 of 1, each writing the same files. Asking for
+    the CPU makes them one job over gloo. `ACCELERATE_USE_CPU=1` asks for it explicitly.
+    """
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 knows CUDA, XPU, MPS, ... in one place
+    has_device = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device
+
+
+def process_state() -> Any:
+    """accelerate's `PartialState` of this process (created on first use, shared with any `Accelerator`)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=needs_cpu_backend())
+
+
+def split_for_process(items: Sequence[T], state: Any | None = None) -> tuple[list[T], int]:
+    """This process's contiguous share of `items` and the index of its first item in `items`.
+
+    Shares differ in size by at most one; a process may get none when there are fewer items than processes.
+    """
+    state = state or process_state()
+    per_process, extra = divmod(len(items), state.num_processes)
+    # the same arithmetic as accelerate's split_between_processes, whose share this is
+    start = state.process_index * per_process + min(state.process_index, extra)
+    with state.split_between_processes(list(items)) as mine:
+        return list(mine), start
+
+
+def gather_in_order(local_results: Sequence[T], state: Any | None = None) -> list[T]:
+    """Every process's results concatenated in process order: the items' original order after
+    `split_for_process`. Every process receives the whole list; only the main process should write it.
+
+    Results travel between processes pickled (torch.distributed's object collectives): keep them plain data.
+    """
+    from accelerate.utils import gather_object
+
+    state = state or process_state()
+    if state.num_processes == 1:
+        return list(local_results)
+    return list(gather_object(list(local_results)))
