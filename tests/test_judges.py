@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -25,6 +19,7 @@ from dpokit.judges import (
     parse_verdict,
     question_text,
 )
+from judge_server import LengthJudgeServer, free_port
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 
@@ -290,117 +285,17 @@ def test_local_llm_judge_counts_unparseable_replies(tmp_path: Path) -> None:
 # --- openai:MODEL@BASE_URL against a real HTTP server ---------------------------------------------------------
 
 
-class FakeJudgeServer:
-    """A chat-completions server on 127.0.0.1 that judges by length, and misbehaves on request.
-
-    The answer text steers it: SLOW sleeps past the client's timeout, GARBAGE sends HTML, BADJSON sends broken JSON,
-    NOPARSE replies in words without a rating, HTTP500 fails, DENY answers 401.
-    """
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-        self.requests: list[dict[str, Any]] = []
-        self.auth_headers: list[str] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with owner.lock:
-                    owner.requests.append(body)
-                    owner.auth_headers.append(self.headers.get("Authorization", ""))
-                    owner.in_flight += 1
-                    owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
-                try:
-                    self._answer(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up waiting (timeout tests)
-                finally:
-                    with owner.lock:
-                        owner.in_flight -= 1
-
-            def _answer(self, body: dict[str, Any]) -> None:
-                if self.path != "/v1/chat/completions":
-                    return self._send(404, "application/json", json.dumps({"error": {"message": "no route"}}))
-                question = body["messages"][-1]["content"]
-                time.sleep(owner.delay)
-                if "SLOW" in question:
-                    time.sleep(1.5)
-                if "GARBAGE" in question:
-                    return self._send(200, "text/html", "<html>gateway says hi</html>")
-                if "BADJSON" in question:
-                    return self._send(200, "application/json", '{"choices": [')
-                if "HTTP500" in question:
-                    return self._send(500, "application/json", json.dumps({"error": {"message": "overloaded"}}))
-                if "DENY" in question:
-                    return self._send(401, "application/json", json.dumps({"error": {"message": "bad key"}}))
-                reply = "I like it." if "NOPARSE" in question else self._verdict(question)
-                completion = {
-                    "id": "cmpl-1",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
-                    ],
-                }
-                self._send(200, "application/json", json.dumps(completion))
-
-            @staticmethod
-            def _verdict(question: str) -> str:
-                if "[Answer A]" in question:
-                    a = re.search(r"\[Answer A\]\n(.*)\n\[End of answer A\]", question, re.S).group(1)
-                    b = re.search(r"\[Answer B\]\n(.*)\n\[End of answer B\]", question, re.S).group(1)
-                    return "[[A]] longer" if len(a) > len(b) else "[[B]] longer" if len(b) > len(a) else "[[C]]"
-                answer = re.search(r"\[Answer\]\n(.*)\n\[End of answer\]", question, re.S).group(1)
-                return f"[[{min(10, max(1, len(answer)))}]] by length"
-
-            def _send(self, status: int, content_type: str, text: str) -> None:
-                data = text.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        return Handler
-
-
 @pytest.fixture
-def server() -> Iterator[FakeJudgeServer]:
-    fake = FakeJudgeServer()
-    fake.thread.start()
-    yield fake
-    fake.server.shutdown()
-    fake.server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def server() -> Iterator[LengthJudgeServer]:
+    with LengthJudgeServer() as fake:
+        yield fake
 
 
 SECRET = "sk-test-7f3a9c1e5b"
 
 
 def test_openai_judge_scores_and_compares_with_the_key_from_the_environment(
-    server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    server: LengthJudgeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
     caplog.set_level(logging.DEBUG)
@@ -419,20 +314,15 @@ def test_openai_judge_scores_and_compares_with_the_key_from_the_environment(
 
 
 def test_openai_judge_respects_the_concurrency_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeJudgeServer(delay=0.15)
-    fake.thread.start()
-    try:
-        monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a local server needs no key
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a local server needs no key
+    with LengthJudgeServer(delay=0.15) as fake:
         judge = load_judge(f"openai:m@{fake.url}", concurrency=2)
         assert judge.score(PROMPT, ["a" * n for n in range(1, 9)]) == [float(n) for n in range(1, 9)]
         assert fake.max_in_flight == 2
         assert fake.auth_headers[0] == "Bearer unused"
-    finally:
-        fake.server.shutdown()
-        fake.server.server_close()
 
 
-def test_openai_judge_counts_occasional_failures_after_it_worked(server: FakeJudgeServer) -> None:
+def test_openai_judge_counts_occasional_failures_after_it_worked(server: LengthJudgeServer) -> None:
     judge = load_judge(f"openai:m@{server.url}", concurrency=1, retries=0, timeout=0.5)
     assert judge.score(PROMPT, ["ok"]) == [2.0]
     scores = judge.score(PROMPT, ["GARBAGE", "BADJSON", "NOPARSE", "SLOW", "HTTP500", "fine"])
@@ -442,7 +332,7 @@ def test_openai_judge_counts_occasional_failures_after_it_worked(server: FakeJud
     assert judge.compare(PROMPT, "GARBAGE", "x") is None
 
 
-def test_openai_judge_retries_with_backoff(server: FakeJudgeServer) -> None:
+def test_openai_judge_retries_with_backoff(server: LengthJudgeServer) -> None:
     judge = load_judge(f"openai:m@{server.url}", retries=2, concurrency=1)
     assert judge.score(PROMPT, ["ok"]) == [2.0]
     started = time.perf_counter()
@@ -453,7 +343,7 @@ def test_openai_judge_retries_with_backoff(server: FakeJudgeServer) -> None:
 
 
 def test_openai_judge_first_request_failures_are_one_line_errors(
-    server: FakeJudgeServer, monkeypatch: pytest.MonkeyPatch
+    server: LengthJudgeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = free_port()
     with pytest.raises(UserError, match=rf"first request failed: cannot connect to http://127.0.0.1:{port}/v1"):
@@ -470,7 +360,7 @@ def test_openai_judge_first_request_failures_are_one_line_errors(
         load_judge(f"openai:m@{server.url.removesuffix('/v1')}").score(PROMPT, ["x"])
 
 
-def test_openai_judge_stops_when_the_endpoint_keeps_failing(server: FakeJudgeServer) -> None:
+def test_openai_judge_stops_when_the_endpoint_keeps_failing(server: LengthJudgeServer) -> None:
     judge = load_judge(f"openai:m@{server.url}", retries=0, concurrency=1, max_consecutive_failures=3)
     judge.score(PROMPT, ["ok"])
     with pytest.raises(UserError, match=r"3 requests in a row failed .* rerun the same command"):

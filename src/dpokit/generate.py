@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -361,16 +362,25 @@ class Distribution:
     world_size: int = 1
     barrier: Callable[[], None] = lambda: None
     gather: Callable[[Any], list[Any]] = lambda obj: [obj]
+    device: Any = "cpu"
 
     @classmethod
     def from_accelerate(cls) -> Distribution:
+        import torch
         from accelerate import PartialState
         from accelerate.utils import gather_object
 
-        state = PartialState()
+        # without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no accelerator
+        state = PartialState(cpu=not torch.accelerator.is_available())
         if state.num_processes == 1:
-            return cls()
-        return cls(state.process_index, state.num_processes, state.wait_for_everyone, lambda o: gather_object([o]))
+            return cls(device=state.device)
+        return cls(
+            state.process_index,
+            state.num_processes,
+            state.wait_for_everyone,
+            lambda obj: gather_object([obj]),
+            state.device,
+        )
 
     @property
     def is_main(self) -> bool:
@@ -444,18 +454,23 @@ def _prompts_to_do(items: Sequence[PromptItem], done: set[str], summary: Summary
     return todo
 
 
-def _own_batches(
-    todo: list[PromptItem], sampling: SamplingSettings, dist: Distribution
-) -> list[tuple[int, list[PromptItem]]]:
-    """(start index, prompts) of this process's batches: batch b goes to process b % world_size, so each batch is
-    the same whatever the number of processes, and so are its answers."""
-    per_batch = max(1, sampling.batch_size // sampling.num_samples)
+def _own_batches(todo: list[PromptItem], sampling: SamplingSettings, dist: Distribution) -> list[list[PromptItem]]:
+    """This process's batches of prompts: batch b goes to process b % world_size, so each batch is the same
+    whatever the number of processes, and so are its answers (see `batch_seed`)."""
+    per_batch = max(1, sampling.batch_size // sampling.num_samples)  # one generate() call: all samples of each
     starts = range(0, len(todo), per_batch)
-    return [(s, todo[s : s + per_batch]) for b, s in enumerate(starts) if b % dist.world_size == dist.rank]
+    return [todo[s : s + per_batch] for b, s in enumerate(starts) if b % dist.world_size == dist.rank]
+
+
+def batch_seed(seed: int, batch: Sequence[PromptItem]) -> int:
+    """The sampling seed of a batch, from the run's seed and the batch's prompt keys: the same batch gets the same
+    answers whichever process runs it and whatever was done before it (so a resumed run matches an unbroken one)."""
+    digest = hashlib.sha256(json.dumps([seed, [item.key for item in batch]]).encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 1  # < 2**31, as generate_responses scales it further
 
 
 def _run_batches(
-    batches: list[tuple[int, list[PromptItem]]],
+    batches: list[list[PromptItem]],
     output: Path,
     model: Any,
     tokenizer: Any,
@@ -473,12 +488,11 @@ def _run_batches(
         pairs, skipped = RowWriter(part_path(output, dist.rank)), RowWriter(part_path(skipped_path(output), dist.rank))
     else:
         pairs, skipped = RowWriter(output), RowWriter(skipped_path(output))
-    total = sum(len(batch) for _, batch in batches) * sampling.num_samples
+    total = sum(len(batch) for batch in batches) * sampling.num_samples
     with _progress(total, show_progress and dist.is_main) as advance:
         try:
-            for start, batch in batches:
-                # each batch has its own seed, so its answers do not depend on which process runs it
-                settings = dataclasses.replace(sampling, seed=sampling.seed + start)
+            for batch in batches:
+                settings = dataclasses.replace(sampling, seed=batch_seed(sampling.seed, batch))
                 answers = generate_responses(model, tokenizer, [item.messages for item in batch], settings, advance)
                 rows, skips, counts = judge_batch(batch, answers, judge, pairing, sampling.seed, provenance)
                 pairs.write(rows)
@@ -586,10 +600,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(model_name)
         if args.adapter:
             model = load_adapter(model, args.adapter)
-        if dist.world_size > 1:
-            from accelerate import PartialState
-
-            model.to(PartialState().device)
+        model.to(dist.device)
         summary = generate_pairs(
             items,
             output,
