@@ -6,8 +6,10 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,9 +139,7 @@ def prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.jsonl"
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?"]
     rows = [{"id": f"q{i}", "prompt": q} for i, q in enumerate(questions)]
-    rows.append(
-        {"id": "q3", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
-    )
+    rows.append({"id": "q3", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -283,6 +283,38 @@ def test_openai_judge_end_to_end_never_writes_the_key(
     assert all(1 <= r["score_rejected"] < r["score_chosen"] <= 10 for r in rows)
     written = output.read_text() + (skipped_path(output).read_text() if skipped_path(output).exists() else "")
     assert secret not in written + captured.out + captured.err
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_what_an_unbroken_run_writes(
+    tiny_model: Path, judge_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"Question {i}: tell me something.\n" for i in range(24)), encoding="utf-8")
+    judge = f"python:{judge_file}:length"
+    extra = ("--max-new-tokens", "16")
+    unbroken = tmp_path / "unbroken.jsonl"
+    assert main(generate_args(tiny_model, prompts, judge, unbroken, *extra)) == 0
+    killed = tmp_path / "killed.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "dpokit", *generate_args(tiny_model, prompts, judge, killed, *extra)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if killed.exists() and killed.read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    survived = killed.read_bytes().count(b"\n")
+    assert 2 <= survived < 24
+    capsys.readouterr()
+    assert main(generate_args(tiny_model, prompts, judge, killed, *extra)) == 0
+    assert f"{survived} already done" in capsys.readouterr().out
+    assert killed.read_text() == unbroken.read_text()
 
 
 # --- bad inputs: one line, exit code 2 ----------------------------------------------------------------------------

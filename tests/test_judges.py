@@ -383,3 +383,13 @@ def test_openai_judge_spec_and_key_mistakes(monkeypatch: pytest.MonkeyPatch) -> 
         load_judge("openai:m@http://127.0.0.1:1/v1", api_key_env="sk-abc")
     with pytest.raises(UserError, match=r"--judge-concurrency must be at least 1"):
         load_judge("openai:m@http://127.0.0.1:1/v1", concurrency=0)
+
+
+@pytest.mark.builtin
+def test_builtin_llm_judge_answers_in_the_asked_form() -> None:
+    judge = load_judge("llm:builtin:smollm2-135m-instruct", max_tokens=6)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    scores = judge.score(question, ["Paris.", "I like turtles."])
+    assert all(s is not None and 1 <= s <= 10 for s in scores)
+    assert judge.compare(question, "Paris.", "I like turtles.") in ("A", "B", "tie")
+    assert judge.failures == 0

@@ -7,7 +7,7 @@ A judge is built from a spec string by `load_judge`:
 - `reward-model:ID`: a sequence-classification reward model (one output), scoring in batches through the
   model's chat template where its tokenizer has one.
 - `llm:MODEL`: a local causal LM asked, greedily, for a 1-10 score (`SCORE_PROMPT`) or an A/B verdict
-  (`PAIRWISE_PROMPT`).
+  (`PAIRWISE_PROMPT`); its reply is started for it with `[[`, the opening of the asked-for verdict.
 - `openai:MODEL@BASE_URL` (or `openai:MODEL` for api.openai.com): any OpenAI-compatible chat endpoint, asked the
   same two prompts. The key comes from the environment variable `api_key_env` (OPENAI_API_KEY by default).
 
@@ -499,7 +499,13 @@ class LLMJudge(BaseJudge):
 
 
 class LocalLLMJudge(LLMJudge):
-    """A local causal LM (hub id, folder or builtin:) asked greedily, in batches, through its chat template."""
+    """A local causal LM (hub id, folder or builtin:) asked greedily, in batches, through its chat template.
+
+    Its reply is started for it with `[[`, the opening of the verdict the prompt asks for, so that even a small
+    model answers in that form instead of restating the question.
+    """
+
+    REPLY_START = "[["
 
     def __init__(self, spec: str, model_name: str, options: JudgeOptions) -> None:
         super().__init__(spec)
@@ -516,8 +522,10 @@ class LocalLLMJudge(LLMJudge):
         from dpokit.sampling import generate_responses
 
         conversations = [[{"role": "user", "content": q}] for q in questions]
-        replies = generate_responses(self.model, self.tokenizer, conversations, self.settings)
-        return [r[0] for r in replies]
+        replies = generate_responses(
+            self.model, self.tokenizer, conversations, self.settings, answer_prefix=self.REPLY_START
+        )
+        return [self.REPLY_START + r[0] for r in replies]
 
     def close(self) -> None:
         self.model = None
