@@ -25,6 +25,8 @@ from dpokit.generate import (
     PairingSettings,
     distinct_answers,
     judge_batch,
+    merge_parts,
+    part_path,
     select_pair,
     skipped_path,
 )
@@ -122,6 +124,19 @@ def test_identical_answers_are_judged_once(judge_file: Path) -> None:
     assert rows[1]["score_chosen"] == 3.0 and rows[1]["score_rejected"] == 1.0 and rows[1]["margin"] == 2.0
     assert [(s["prompt_id"], s["reason"], s["answers"]) for s in skipped] == [("k-p2", SKIP_IDENTICAL, ["same"])]
     assert summary.counts == {"pairs written": 2, SKIP_IDENTICAL: 1} and summary.empty_answers == 1
+
+
+def test_merging_part_files_orders_rows_and_finishes_a_half_done_merge(tmp_path: Path) -> None:
+    output = tmp_path / "pairs.jsonl"
+    order = {"a": 0, "b": 1, "c": 2, "d": 3}
+    rows = {key: {"prompt_id": key, "prompt": key} for key in order}
+    # process 0 did a and c, process 1 did b and d; a killed merge already moved a and b, and cut a row in half
+    part_path(output, 0).write_text(json.dumps(rows["a"]) + "\n" + json.dumps(rows["c"]) + "\n")
+    part_path(output, 1).write_text(json.dumps(rows["b"]) + "\n" + json.dumps(rows["d"]) + "\n")
+    output.write_text(json.dumps(rows["a"]) + "\n" + json.dumps(rows["b"]) + "\n" + '{"prompt_id": "c", "pr')
+    merge_parts(output, order)
+    assert read_jsonl(output) == [rows["a"], rows["b"], rows["c"], rows["d"]]
+    assert not list(tmp_path.glob("*.part"))
 
 
 # --- the command, on a tiny model ---------------------------------------------------------------------------------

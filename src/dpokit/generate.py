@@ -337,12 +337,17 @@ def _parts_of(target: Path) -> list[Path]:
 
 
 def merge_parts(output: Path, order: dict[str, int]) -> None:
-    """Move the rows of every process's part files into the output files, in the prompts' order."""
+    """Move the rows of every process's part files into the output files, in the prompts' order.
+
+    A merge killed halfway is finished by the next run: rows already in the output are not written twice.
+    """
     for target in (output, skipped_path(output)):
         parts = _parts_of(target)
         if not parts:
             continue
+        merged = {(row["prompt_id"], row.get("reason")) for row in read_rows(target, repair=True)}
         rows = [row for part in parts for row in read_rows(part, repair=False)]
+        rows = [row for row in rows if (row["prompt_id"], row.get("reason")) not in merged]
         rows.sort(key=lambda row: order.get(row["prompt_id"], len(order)))
         writer = RowWriter(target)
         writer.write(rows)
@@ -489,7 +494,7 @@ def _run_batches(
     else:
         pairs, skipped = RowWriter(output), RowWriter(skipped_path(output))
     total = sum(len(batch) for batch in batches) * sampling.num_samples
-    with _progress(total, show_progress and dist.is_main) as advance:
+    with ProgressBar(total, show_progress and dist.is_main) as advance:
         try:
             for batch in batches:
                 settings = dataclasses.replace(sampling, seed=batch_seed(sampling.seed, batch))
@@ -506,7 +511,7 @@ def _run_batches(
     return summary
 
 
-class _progress:
+class ProgressBar:
     """A rich progress bar of answers sampled, with answers per second; a no-op when hidden."""
 
     def __init__(self, total: int, visible: bool) -> None:

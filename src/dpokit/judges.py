@@ -167,8 +167,8 @@ def load_judge(spec: str, **options: Any) -> Judge:
     kind, sep, rest = spec.partition(":")
     builders: dict[str, Callable[[str, str, JudgeOptions], Judge]] = {
         "python": _python_judge,
-        "reward-model": lambda s, r, o: RewardModelJudge(s, r, o),
-        "llm": lambda s, r, o: LocalLLMJudge(s, r, o),
+        "reward-model": RewardModelJudge,
+        "llm": LocalLLMJudge,
         "openai": _openai_judge,
     }
     if not sep or kind not in builders or not rest.strip():
@@ -562,7 +562,7 @@ class OpenAIJudge(LLMJudge):
                     "endpoint's API key in it (dpokit reads keys only from the environment)"
                 )
             key = "unused"  # vLLM, llama.cpp and Ollama accept any key when they were started without one
-        self._key = key
+        self._secret = key if os.environ.get(options.api_key_env) else ""
         self._client = openai.OpenAI(
             api_key=key, base_url=base_url, timeout=options.timeout, max_retries=options.retries
         )
@@ -629,7 +629,7 @@ class OpenAIJudge(LLMJudge):
 
     def _redact(self, value: object) -> str:
         text = " ".join(str(value).split())
-        return text.replace(self._key, "***") if len(self._key) >= 4 else text
+        return text.replace(self._secret, "***") if self._secret else text
 
     def _request_failed(self, reason: str, detail: str) -> None:
         with self._lock:
