@@ -129,6 +129,24 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     inspect.add_argument("data", help="file, folder or hub dataset id")
     inspect.add_argument("--model", default=None, help="tokenizer to count tokens with (default: the built-in model)")
     _add_data_options(inspect)
+    inspect.add_argument(
+        "--max-length", type=int, default=1024, help="count pairs longer than this many tokens (default 1024)"
+    )
+    inspect.add_argument(
+        "--max-prompt-length", type=int, default=None, help="count prompts longer than this many tokens"
+    )
+    inspect.add_argument(
+        "--truncation-mode",
+        choices=("keep_start", "keep_end"),
+        default="keep_start",
+        help="how training would cut over-long pairs (default keep_start)",
+    )
+    inspect.add_argument(
+        "--length-policy",
+        choices=("truncate", "drop"),
+        default="truncate",
+        help="whether training would truncate over-long pairs or drop them (default truncate)",
+    )
     inspect.add_argument("--plot", metavar="FILE.png", help="write token-length histograms here")
     inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
@@ -142,18 +160,30 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     prepare.add_argument("data", help="file, folder or hub dataset id")
     prepare.add_argument(
-        "--output", required=True, metavar="OUT.jsonl", help="training triplets (test split beside it)"
+        "--output", required=True, metavar="OUT.jsonl", help="training triplets; the test split goes to OUT.test.jsonl"
     )
     prepare.add_argument("--model", default=None, help="tokenizer for length filtering (default: the built-in model)")
     _add_data_options(prepare)
     prepare.add_argument(
-        "--test-size", type=float, default=0.1, help="share of pairs held out for testing (default 0.1)"
+        "--test-size",
+        type=float,
+        default=0.1,
+        help="share (below 1) or number of pairs held out for testing, whole prompts at a time (default 0.1)",
     )
     prepare.add_argument("--seed", type=int, default=42, help="seed of the train/test split (default 42)")
     limit = prepare.add_mutually_exclusive_group()
-    limit.add_argument("--max-length", type=int, default=None, help="drop pairs longer than this many tokens")
     limit.add_argument(
-        "--filter-percentile", type=float, default=None, help="drop pairs longer than this length percentile"
+        "--max-length",
+        type=int,
+        default=None,
+        help="drop pairs whose prompt + longer response exceeds this many tokens",
+    )
+    limit.add_argument(
+        "--filter-percentile",
+        type=float,
+        default=None,
+        metavar="P",
+        help="drop pairs whose prompt + longer response exceeds the P-th percentile of lengths (e.g. 95)",
     )
 
     _command(
@@ -166,9 +196,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", default="train", help="split of a hub dataset (default train)")
+    p.add_argument(
+        "--split", default="train", help="split of a hub dataset or of a folder of split files (default train)"
+    )
     p.add_argument("--data-config", default=None, help="config name of a hub dataset")
-    p.add_argument("--data-format", default="auto", help="layout of the rows (default auto: detect and print)")
+    p.add_argument(
+        "--data-format", default="auto", help="layout of the rows (default auto: detect); see `dpokit data formats`"
+    )
     p.add_argument(
         "--columns",
         default=None,
@@ -178,10 +212,15 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         "--multi-turn",
         choices=("reject", "trim"),
         default="reject",
-        help="implicit-prompt rows that differ early",
+        help="implicit-prompt rows that differ before the last assistant turn: reject them (default) or trim them back",
     )
     p.add_argument("--min-score-margin", type=float, default=0.0, help="rated responses: least score gap for a pair")
-    p.add_argument("--max-bad-rows", type=int, default=0, help="bad rows tolerated before failing (default 0)")
+    p.add_argument(
+        "--max-bad-rows",
+        type=int,
+        default=0,
+        help="bad rows tolerated (all are written with reasons to NAME.rejected.jsonl) before exit code 2 (default 0)",
+    )
     p.add_argument("--chat-template", default=None, help="Jinja chat template, or a file with one, to use instead")
 
 
@@ -264,12 +303,40 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "eval",
         "dpokit.evaluate:run_eval",
         "implicit-reward accuracy and margin on held-out pairs",
-        "Score held-out pairs with the implicit DPO reward beta * (log pi - log pi_ref), as RewardBench's DPO "
-        "mode: reward accuracy, mean margin and mean log-probs, as JSON.",
+        "Score held-out pairs with the implicit DPO reward beta * (log pi - log pi_ref), summed over response "
+        "tokens as in training (RewardBench's DPO mode): reward accuracy (chosen reward strictly higher) with a "
+        "bootstrap 95% interval, mean margin, mean rewards and mean log-probs, as JSON on stdout.\n\n"
+        "The reference: with --adapter, the same base model with the adapter switched off (as in LoRA training); "
+        "for a fully fine-tuned --model, the model it started from, given with --reference. beta and the length "
+        "limits default to those in the adapter's run folder (config.yaml), else to the training defaults. When "
+        "the adapter sits in a run folder the JSON is also written to RUN_DIR/eval.json for `dpokit report`.\n\n"
+        "examples:\n"
+        "  dpokit eval --adapter runs/dpo/adapter --data test.jsonl\n"
+        "  dpokit eval --model runs/full --reference builtin:smollm2-135m-instruct --data test.jsonl --beta 0.1",
     )
-    p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="base model (the reference)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter (the policy); without it --model is the policy")
-    p.add_argument("--data", required=True, help="held-out pairs")
+    p.add_argument("--model", default=None, help="base model, or the policy itself with --reference")
+    p.add_argument("--adapter", default=None, help="LoRA adapter: the policy (default --model: the adapter's base)")
+    p.add_argument("--reference", default=None, help="reference model for a --model trained without an adapter")
+    p.add_argument("--data", required=True, help="held-out pairs (any layout `dpokit data formats` lists)")
+    p.add_argument("--split", default="test", help="split of a hub dataset or folder (default test)")
+    p.add_argument("--data-format", default="auto", help="layout of the rows (default auto)")
+    p.add_argument("--max-bad-rows", type=int, default=0, help="bad rows tolerated before failing (default 0)")
+    p.add_argument("--beta", type=float, default=None, help="reward scale (default: the run's beta, else 0.1)")
+    p.add_argument("--max-length", type=int, default=None, help="longest prompt+response (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
+    p.add_argument("--output", default=None, metavar="FILE.json", help="also write the JSON here")
+
+
+def _add_answering_options(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
+    """How `compare`, `chat` and `vibe` generate answers."""
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature:g})")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, help=f"longest answer (default {max_new_tokens})"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -278,16 +345,33 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "compare",
         "dpokit.evaluate:run_compare",
         "judge two models' answers pairwise, in both orders",
-        "Generate answers from model A and model B and judge every pair in both orders. A win counts only when "
-        "both orders agree, otherwise it is a tie (MT-Bench's rule). Writes answers, judgments and summary.json.",
+        "Generate answers from model A and model B and judge every (question, turn) twice, with the answers' "
+        "order swapped. B wins only when both orders say so (likewise A); any other pair of verdicts is a tie "
+        "(MT-Bench's rule). A judge that gives no verdict in either order is a failure, counted apart and left "
+        "out of every rate, as MT-Bench drops its 'error' judgments.\n\n"
+        "Reads MT-Bench's question.jsonl (second turns are asked in the same conversation), JSONL rows with a "
+        "`prompt`, or a text file with one prompt per line. Writes an MT-Bench bench folder: question.jsonl, "
+        "model_answer/<model_id>.jsonl, model_judgment/dpokit_pair.jsonl, and summary.json with wins, ties, "
+        "losses (B's), win_rate = wins / total, win_rate_adjusted = (wins + ties/2) / total with a bootstrap "
+        "95% interval (ci_low, ci_high; questions resampled), per category, and mean answer lengths.\n\n"
+        "example:\n"
+        "  dpokit compare --adapter-b runs/dpo/adapter --prompts question.jsonl --judge openai:gpt-4o@https://...\n"
+        "  (model A defaults to model B's base without the adapter; output to runs/dpo/compare)",
     )
-    p.add_argument("--model-a", required=True, help="first model (usually the base)")
+    p.add_argument("--model-a", default=None, help="first model (default: model B's base)")
     p.add_argument("--adapter-a", default=None, help="LoRA adapter on model A")
-    p.add_argument("--model-b", required=True, help="second model (usually the aligned one)")
-    p.add_argument("--adapter-b", default=None, help="LoRA adapter on model B")
-    p.add_argument("--prompts", required=True, help="prompts file, MT-Bench question.jsonl, or hub dataset id")
+    p.add_argument("--model-b", default=None, help="second model (default: the base of --adapter-b)")
+    p.add_argument("--adapter-b", default=None, help="LoRA adapter on model B (usually the aligned one)")
+    p.add_argument("--name-a", default=None, help="model_id of A in the outputs (default from its name)")
+    p.add_argument("--name-b", default=None, help="model_id of B in the outputs (default from its name)")
+    p.add_argument("--prompts", required=True, help="MT-Bench question.jsonl, JSONL `prompt` rows, or a .txt file")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--judge", required=True, help="judge spec, as for generate")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for answers, judgments and summary.json")
+    p.add_argument(
+        "--output", default=None, metavar="DIR", help="folder for the results (default: RUN_DIR/compare of B)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --output")
+    _add_answering_options(p, temperature=0.0, max_new_tokens=512)
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
@@ -296,10 +380,13 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
         "chat",
         "dpokit.evaluate:run_chat",
         "chat with a model in the terminal",
-        "Interactive chat with the model's chat template. /reset clears the conversation, /exit leaves.",
+        "Interactive chat with the model's chat template. /reset clears the conversation, /exit (or end of "
+        "input) leaves. Lines are read from stdin, so a conversation can be piped in.",
     )
-    p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model")
+    p.add_argument("--model", default=None, help="model (default: the adapter's base, else the built-in model)")
     p.add_argument("--adapter", default=None, help="LoRA adapter on the model")
+    p.add_argument("--system", default=None, help="a system message to start every conversation with")
+    _add_answering_options(p, temperature=0.7, max_new_tokens=256)
 
 
 def _add_vibe(sub: argparse._SubParsersAction) -> None:
@@ -308,11 +395,15 @@ def _add_vibe(sub: argparse._SubParsersAction) -> None:
         "vibe",
         "dpokit.evaluate:run_vibe",
         "base and aligned answers side by side",
-        "Answer a few prompts with the base model and with the adapter, print them side by side and save them.",
+        "Answer a few prompts with the base model (adapter off) and with the adapter, print them side by side "
+        "and save them as JSONL (default: RUN_DIR/vibe.jsonl of the adapter's run, read by `dpokit report`).",
     )
     p.add_argument("--model", default=None, help="base model (default: the adapter's own base)")
     p.add_argument("--adapter", required=True, help="LoRA adapter (the aligned model)")
-    p.add_argument("--prompts", required=True, help="prompts file")
+    p.add_argument("--prompts", required=True, help="prompts file (as for compare)")
+    p.add_argument("--limit", type=int, default=5, help="how many prompts, from the top (default 5)")
+    p.add_argument("--output", default=None, metavar="FILE.jsonl", help="where to save (default: RUN_DIR/vibe.jsonl)")
+    _add_answering_options(p, temperature=0.0, max_new_tokens=256)
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -321,11 +412,20 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         "merge",
         "dpokit.evaluate:run_merge",
         "merge a LoRA adapter into its base model",
-        "Merge a LoRA adapter into its base and save safetensors plus tokenizer, loadable with plain "
-        "AutoModelForCausalLM.from_pretrained. Checks that merged and unmerged logits agree.",
+        "Merge a LoRA adapter into its base (adapter_dir/dpokit.json's base_model, else adapter_config.json's "
+        "base_model_name_or_path) and save safetensors plus tokenizer, loadable with plain "
+        "AutoModelForCausalLM.from_pretrained. Before saving, the merged model's logits on a probe conversation "
+        "must match the unmerged model's within 1e-4 of the largest logit.",
     )
     p.add_argument("--adapter", required=True, help="LoRA adapter folder")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for the merged model")
+    p.add_argument("--output", required=True, metavar="DIR", help="new folder for the merged model")
+    p.add_argument("--model", default=None, help="base model, when it moved (default: the adapter's own)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights dtype (default auto: the base's)",
+    )
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -334,8 +434,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "report",
         "dpokit.report:run",
         "write an HTML report of a run",
-        "Write RUN_DIR/report.html (with PNG plots): losses, rewards, accuracies, learning rate, config, data "
-        "statistics, and any comparison or vibe check found in the run folder.",
+        "Write RUN_DIR/report.html, one self-contained file (plots embedded as PNG): losses, rewards, "
+        "accuracies, learning rate, the resolved config, data statistics, the run summary, and what eval "
+        "(eval.json), compare (any RUN_DIR/*/summary.json, e.g. RUN_DIR/compare) and vibe (vibe.jsonl) left in "
+        "the run folder. Model text is escaped and the page runs no scripts.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `dpokit train` output folder")
 

@@ -35,6 +35,20 @@ CHATML_TEMPLATE = (
 )
 
 
+def quiet_libraries() -> None:
+    """transformers and the hub draw a progress bar for every load and save; dpokit draws its own."""
+    import warnings
+
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    # deprecation notices about transformers' own internals, raised from peft and transformers code
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\.")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DPOKIT_CACHE", "~/.cache/dpokit")).expanduser()
 
@@ -126,6 +140,7 @@ def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_cod
     """The tokenizer, with a pad token and a chat template (the override, the model's own, or ChatML)."""
     from transformers import AutoTokenizer
 
+    quiet_libraries()
     path = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -158,6 +173,7 @@ def load_model(
     """A causal LM with fp32 master weights by default; safetensors only, no remote code unless asked."""
     from transformers import AutoModelForCausalLM
 
+    quiet_libraries()
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(

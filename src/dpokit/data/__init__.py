@@ -38,9 +38,10 @@ class BadRow:
     origin: str
     reason: str
     row: Any = None
+    kind: str = ""  # the reason's category ("missing column", "invalid JSON", ...), for counts and tests
 
     def to_dict(self) -> dict[str, Any]:
-        return {"origin": self.origin, "reason": self.reason, "row": self.row}
+        return {"origin": self.origin, "reason": self.reason, "kind": self.kind, "row": self.row}
 
 
 @dataclass
@@ -53,3 +54,5 @@ class LoadedPairs:
     bad_rows: list[BadRow] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # e.g. {"ties dropped": 3}
     rejected_file: str | None = None  # where the bad rows were written
+    rows: int = 0  # rows read from the source, good and bad
+    detected: bool = False  # the format was detected (data_format: auto), not named

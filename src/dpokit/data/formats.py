@@ -1,12 +1,30 @@
 """Preference-data layouts: detection and normalization to `Pair`s.
 
-Each layout is a `Format`: a name, a test on the first row's columns, and a function from one row to a `Pair`.
-A normalizer raises `RowError` with the reason when a row is malformed, or returns `Dropped` for a row that is
-well-formed but makes no pair (a tie, say), which is counted rather than reported as bad.
+Each layout is a `Format`: a name, a test on a row's columns, and a function from one row to a `Pair`.
+A normalizer raises `RowError` with the reason when a row is malformed, returns `Dropped` for a row that is
+well-formed but makes no pair (a tie, say), which is counted rather than reported as bad, or `Adjusted` for a
+pair it made after a change that is counted too (a multi-turn row trimmed).
+
+Layouts whose columns name a question and its answers (Orca, Stack Exchange, UltraFeedback, rated responses)
+become conversational pairs: the question is a user message, the answers assistant messages. TRL's explicit and
+implicit layouts keep TRL's meaning: three texts are a standard (template-free) pair, message lists are
+conversational. `to_conversational` turns a standard pair into the conversational triplet `dpokit data prepare`
+writes, so every layout ends in the same triplet for the same content.
+
+Implicit prompt (only `chosen` and `rejected`, as conversations or texts), defined precisely:
+- Conversations: the prompt is the longest run of leading messages both share. The first messages after it must
+  both be assistant turns: those are the responses. If either conversation goes on after its response, the row
+  is rejected (`multi_turn: reject`), or with `multi_turn: trim` both are cut back to the shared prompt plus that
+  first differing assistant turn (later turns are dropped; counted as "trimmed: ..."). Conversations that differ
+  at a user turn, from their first message, or where one ends inside the shared part, are rejected either way.
+- Texts: the prompt is the longest common prefix, backed off to the start of its last run of whitespace, so no
+  word is split and the responses start with that whitespace (as tokenizers expect); no shared prefix is an error.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,15 +34,45 @@ from dpokit.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
 
+# Kinds of bad rows, as `BadRow.kind`; sources add "invalid JSON", "undecodable bytes", "wrong number of fields".
+MISSING_COLUMN = "missing column"
+WRONG_TYPE = "wrong type"
+EMPTY_TEXT = "empty text"
+EMPTY_RESPONSE = "empty response"
+IDENTICAL = "identical chosen and rejected"
+ROLES_OUT_OF_ORDER = "roles out of order"
+LAST_TURN_NOT_ASSISTANT = "last turn not assistant"
+DIFFER_EARLY = "responses differ before the last turn"
+NO_SHARED_PROMPT = "no shared prompt"
+CONTRADICTING_SCORES = "scores contradict the labels"
+
+# Counters of rows that made no pair, or a changed one.
+TIED = "dropped: tied scores"
+UNDER_MARGIN = "dropped: score gap not above min_score_margin"
+TOO_FEW_RESPONSES = "dropped: fewer than two responses"
+TRIMMED = "trimmed: multi-turn rows cut back to the first differing assistant turn"
+
 
 class RowError(ValueError):
-    """A row that is malformed; the message is the reason shown to the user."""
+    """A row that is malformed; the message is the reason shown to the user, `kind` its category."""
+
+    def __init__(self, reason: str, kind: str = WRONG_TYPE) -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
 class Dropped:
-    """A well-formed row that yields no pair; `reason` is the counter it adds to (e.g. "ties dropped")."""
+    """A well-formed row that yields no pair; `reason` is the counter it adds to (e.g. "dropped: tied scores")."""
 
+    reason: str
+
+
+@dataclass(frozen=True)
+class Adjusted:
+    """A pair made after a change to its row that must not go unnoticed; `reason` is the counter it adds to."""
+
+    pair: Pair
     reason: str
 
 
@@ -37,7 +85,8 @@ class Options:
     columns: dict[str, str] | None = None
 
 
-Normalizer = Callable[[dict[str, Any], Options], "Pair | Dropped"]
+Normalized = Pair | Dropped | Adjusted
+Normalizer = Callable[[dict[str, Any], Options], Normalized]
 
 
 @dataclass(frozen=True)
@@ -46,6 +95,7 @@ class Format:
     description: str
     detect: Callable[[dict[str, Any]], bool]
     normalize: Normalizer
+    columns: str = ""  # the columns it reads, for `dpokit data formats`
 
 
 # --- checks shared by every layout ------------------------------------------------------------------------------------
@@ -54,32 +104,33 @@ class Format:
 def need_columns(row: dict[str, Any], *names: str) -> None:
     missing = [n for n in names if n not in row]
     if missing:
-        raise RowError(f"missing column {', '.join(repr(m) for m in missing)}")
+        raise RowError(f"missing column {', '.join(repr(m) for m in missing)}", MISSING_COLUMN)
 
 
-def check_text(value: Any, column: str, allow_empty: bool = False) -> str:
+def check_text(value: Any, column: str, allow_empty: bool = False, empty_kind: str = EMPTY_TEXT) -> str:
     if not isinstance(value, str):
-        raise RowError(f"column {column!r} must be text, got {type(value).__name__}")
+        raise RowError(f"column {column!r} must be text, got {type(value).__name__}", WRONG_TYPE)
     if not allow_empty and not value.strip():
-        raise RowError(f"column {column!r} is empty")
+        raise RowError(f"column {column!r} is empty", empty_kind)
     return value
 
 
 def check_messages(value: Any, column: str) -> list[Message]:
     """A list of `{role, content}` messages with known roles and text content."""
     if not isinstance(value, list):
-        raise RowError(f"column {column!r} must be a list of messages, got {type(value).__name__}")
+        raise RowError(f"column {column!r} must be a list of messages, got {type(value).__name__}", WRONG_TYPE)
     if not value:
-        raise RowError(f"column {column!r} has no messages")
+        raise RowError(f"column {column!r} has no messages", EMPTY_TEXT)
     messages: list[Message] = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RowError(f"column {column!r} message {i} must be an object with role and content")
+            raise RowError(f"column {column!r} message {i} must be an object with role and content", WRONG_TYPE)
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            raise RowError(f"column {column!r} message {i} has unknown role {role!r}")
+            raise RowError(f"column {column!r} message {i} has unknown role {role!r}", ROLES_OUT_OF_ORDER)
         if not isinstance(content, str):
-            raise RowError(f"column {column!r} message {i} content must be text, got {type(content).__name__}")
+            kind = type(content).__name__
+            raise RowError(f"column {column!r} message {i} content must be text, got {kind}", WRONG_TYPE)
         messages.append({"role": role, "content": content})
     return messages
 
@@ -89,37 +140,133 @@ def check_conversation(prompt: list[Message], chosen: list[Message], rejected: l
     for name, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         for i, message in enumerate(messages):
             if message["role"] == "system" and not (name == "prompt" and i == 0):
-                raise RowError(f"roles out of order: {name} has a system message at position {i}")
+                raise RowError(f"roles out of order: {name} has a system message at position {i}", ROLES_OUT_OF_ORDER)
     if prompt[-1]["role"] not in ("user", "tool"):
-        raise RowError(f"roles out of order: the prompt must end with a user turn, not {prompt[-1]['role']!r}")
+        raise RowError(
+            f"roles out of order: the prompt must end with a user turn, not {prompt[-1]['role']!r}", ROLES_OUT_OF_ORDER
+        )
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
-        if messages[0]["role"] != "assistant":
-            raise RowError(f"roles out of order: {name} must start with an assistant turn")
         if messages[-1]["role"] != "assistant":
-            raise RowError(f"last turn of {name} is not an assistant turn")
+            raise RowError(f"last turn of {name} is not an assistant turn", LAST_TURN_NOT_ASSISTANT)
+        if messages[0]["role"] != "assistant":
+            raise RowError(f"roles out of order: {name} must start with an assistant turn", ROLES_OUT_OF_ORDER)
         if not messages[-1]["content"].strip():
-            raise RowError(f"{name} response is empty")
+            raise RowError(f"{name} response is empty", EMPTY_RESPONSE)
 
 
-def as_text_pair(prompt: Any, chosen: Any, rejected: Any) -> Pair:
-    """Validate and build a pair in either TRL shape; a conversational prompt with text responses is lifted."""
-    if isinstance(prompt, list):
-        prompt_messages = check_messages(prompt, "prompt")
-        chosen_messages = _response_messages(chosen, "chosen")
-        rejected_messages = _response_messages(rejected, "rejected")
-        check_conversation(prompt_messages, chosen_messages, rejected_messages)
-        return Pair(prompt_messages, chosen_messages, rejected_messages)
-    check_text(prompt, "prompt")
-    check_text(chosen, "chosen")
-    check_text(rejected, "rejected")
-    return Pair(prompt, chosen, rejected)
+def check_score(value: Any, column: str) -> float:
+    """A finite number; CSV cells hold numbers as text, so numeric text counts too."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise RowError(f"column {column!r} must be a number, got {type(value).__name__}", WRONG_TYPE)
+    try:
+        score = float(value)
+    except ValueError:
+        raise RowError(f"column {column!r} must be a number, got {value!r}", WRONG_TYPE) from None
+    if not math.isfinite(score):
+        raise RowError(f"column {column!r} must be a finite number, got {value!r}", WRONG_TYPE)
+    return score
+
+
+# --- building pairs ---------------------------------------------------------------------------------------------------
+
+
+def user(text: str) -> Message:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> Message:
+    return {"role": "assistant", "content": text}
+
+
+def as_text_pair(prompt: Any, chosen: Any, rejected: Any, labels: tuple[str, str, str] | None = None) -> Pair:
+    """TRL's explicit-prompt meaning: three texts make a standard pair; any message list makes the pair
+    conversational (a text prompt becomes a user message, text responses assistant messages)."""
+    if any(isinstance(value, list) for value in (prompt, chosen, rejected)):
+        return as_chat_pair(prompt, chosen, rejected, labels)
+    p, c, r = labels or ("prompt", "chosen", "rejected")
+    return Pair(
+        check_text(prompt, p),
+        check_text(chosen, c, empty_kind=EMPTY_RESPONSE),
+        check_text(rejected, r, empty_kind=EMPTY_RESPONSE),
+    )
+
+
+def as_chat_pair(prompt: Any, chosen: Any, rejected: Any, labels: tuple[str, str, str] | None = None) -> Pair:
+    """A conversational pair from texts or message lists: a text prompt is a user turn, a text response an
+    assistant turn."""
+    p, c, r = labels or ("prompt", "chosen", "rejected")
+    prompt_messages = check_messages(prompt, p) if isinstance(prompt, list) else [user(check_text(prompt, p))]
+    chosen_messages = _response_messages(chosen, c)
+    rejected_messages = _response_messages(rejected, r)
+    check_conversation(prompt_messages, chosen_messages, rejected_messages)
+    return Pair(prompt_messages, chosen_messages, rejected_messages)
 
 
 def _response_messages(value: Any, column: str) -> list[Message]:
     if isinstance(value, str):
-        check_text(value, column)
-        return [{"role": "assistant", "content": value}]
+        return [assistant(check_text(value, column, empty_kind=EMPTY_RESPONSE))]
     return check_messages(value, column)
+
+
+def split_conversations(chosen: list[Message], rejected: list[Message], options: Options) -> Pair | Adjusted:
+    """The implicit prompt of two whole conversations (see the module docstring for the exact rule)."""
+    d = 0
+    while d < min(len(chosen), len(rejected)) and chosen[d] == rejected[d]:
+        d += 1
+    if d == len(chosen) and d == len(rejected):
+        raise RowError("chosen and rejected are the same conversation: nothing to compare", IDENTICAL)
+    if d == len(chosen) or d == len(rejected):
+        short, long = ("chosen", "rejected") if d == len(chosen) else ("rejected", "chosen")
+        raise RowError(f"{short} ends inside the part it shares with {long}: it has no response", NO_SHARED_PROMPT)
+    if d == 0:
+        raise RowError("chosen and rejected differ from their first message: they share no prompt", NO_SHARED_PROMPT)
+    for name, message in (("chosen", chosen[d]), ("rejected", rejected[d])):
+        if message["role"] != "assistant":
+            raise RowError(
+                f"chosen and rejected first differ at message {d}, where {name} has a {message['role']} turn, not "
+                "an assistant turn",
+                DIFFER_EARLY,
+            )
+    prompt, chosen_turn, rejected_turn = chosen[:d], [chosen[d]], [rejected[d]]
+    check_conversation(prompt, chosen_turn, rejected_turn)
+    pair = Pair(prompt, chosen_turn, rejected_turn)
+    if d == len(chosen) - 1 and d == len(rejected) - 1:
+        return pair
+    if options.multi_turn == "trim":
+        return Adjusted(pair, TRIMMED)
+    raise RowError(
+        f"chosen and rejected differ at message {d}, before their last turn; only the last assistant turn may "
+        "differ (multi_turn=trim keeps the conversations up to their first differing turn)",
+        DIFFER_EARLY,
+    )
+
+
+def split_texts(chosen: str, rejected: str) -> Pair:
+    """The implicit prompt of two texts: their common prefix, backed off to the start of its last whitespace run."""
+    if chosen == rejected:
+        raise RowError("chosen and rejected are the same text: nothing to compare", IDENTICAL)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = n
+    while cut > 0 and not chosen[cut - 1].isspace():  # back off to the last whitespace, so no word is split
+        cut -= 1
+    while cut > 0 and chosen[cut - 1].isspace():  # and to the start of that whitespace run
+        cut -= 1
+    prompt, chosen_response, rejected_response = chosen[:cut], chosen[cut:], rejected[cut:]
+    if not prompt.strip():
+        raise RowError("chosen and rejected share no prompt text at their start", NO_SHARED_PROMPT)
+    for name, response in (("chosen", chosen_response), ("rejected", rejected_response)):
+        if not response.strip():
+            raise RowError(f"{name} response is empty after the shared prompt", EMPTY_RESPONSE)
+    return Pair(prompt, chosen_response, rejected_response)
+
+
+def to_conversational(pair: Pair) -> Pair:
+    """A standard pair as the same content in messages: the prompt a user turn, each response an assistant turn."""
+    if pair.conversational:
+        return pair
+    return Pair([user(str(pair.prompt))], [assistant(str(pair.chosen))], [assistant(str(pair.rejected))], pair.origin)
 
 
 # --- the layouts ------------------------------------------------------------------------------------------------------
@@ -130,6 +277,192 @@ def _explicit_prompt(row: dict[str, Any], options: Options) -> Pair:
     return as_text_pair(row["prompt"], row["chosen"], row["rejected"])
 
 
+def _implicit_prompt(
+    row: dict[str, Any], options: Options, labels: tuple[str, str] = ("chosen", "rejected")
+) -> Pair | Adjusted:
+    need_columns(row, "chosen", "rejected")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        chosen_text = check_text(chosen, labels[0], empty_kind=EMPTY_RESPONSE)
+        return split_texts(chosen_text, check_text(rejected, labels[1], empty_kind=EMPTY_RESPONSE))
+    return split_conversations(check_messages(chosen, labels[0]), check_messages(rejected, labels[1]), options)
+
+
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_hh(text: str, column: str) -> list[Message]:
+    """An HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as messages, each turn's text stripped."""
+    parts = HH_TURN.split(text)
+    if parts[0].strip():
+        raise RowError(f"column {column!r} has text before its first `Human:` turn", ROLES_OUT_OF_ORDER)
+    if len(parts) < 3:
+        raise RowError(f"column {column!r} has no `Human:` / `Assistant:` turns", WRONG_TYPE)
+    turns = zip(parts[1::2], parts[2::2], strict=True)  # split with one group: head, role, text, role, text, ...
+    return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in turns]
+
+
+def _hh_rlhf(row: dict[str, Any], options: Options) -> Pair | Adjusted:
+    need_columns(row, "chosen", "rejected")
+    chosen = parse_hh(check_text(row["chosen"], "chosen"), "chosen")
+    rejected = parse_hh(check_text(row["rejected"], "rejected"), "rejected")
+    return split_conversations(chosen, rejected, options)
+
+
+def _looks_hh(row: dict[str, Any]) -> bool:
+    chosen = row.get("chosen")
+    return (
+        "prompt" not in row
+        and "rejected" in row
+        and isinstance(chosen, str)
+        and re.search(r"(?:^|\n\n)Human:", chosen) is not None
+        and "Assistant:" in chosen
+    )
+
+
+def _score_gate(chosen_score: float, rejected_score: float, options: Options) -> Dropped | None:
+    """Ties never make a pair; nor does a gap of `min_score_margin` or less."""
+    if chosen_score == rejected_score:
+        return Dropped(TIED)
+    if chosen_score - rejected_score <= options.min_score_margin:
+        return Dropped(UNDER_MARGIN)
+    return None
+
+
+def _binarized(chosen_score_column: str, rejected_score_column: str) -> Normalizer:
+    """UltraFeedback binarized: a prompt text, chosen/rejected conversations (or answers) and their scores."""
+
+    def normalize(row: dict[str, Any], options: Options) -> Normalized:
+        need_columns(row, "prompt", "chosen", "rejected", chosen_score_column, rejected_score_column)
+        chosen, rejected = row["chosen"], row["rejected"]
+        holds_prompt = isinstance(chosen, list) and chosen and isinstance(chosen[0], dict)
+        if holds_prompt and chosen[0].get("role") != "assistant":  # whole conversations, prompt included
+            result: Pair | Adjusted = split_conversations(
+                check_messages(chosen, "chosen"), check_messages(rejected, "rejected"), options
+            )
+        else:
+            result = as_chat_pair(row["prompt"], chosen, rejected)
+        chosen_score = check_score(row[chosen_score_column], chosen_score_column)
+        rejected_score = check_score(row[rejected_score_column], rejected_score_column)
+        if chosen_score < rejected_score:
+            raise RowError(
+                f"{chosen_score_column} {chosen_score:g} is below {rejected_score_column} {rejected_score:g}",
+                CONTRADICTING_SCORES,
+            )
+        return _score_gate(chosen_score, rejected_score, options) or result
+
+    return normalize
+
+
+def _orca(row: dict[str, Any], options: Options) -> Pair:
+    need_columns(row, "question", "chosen", "rejected")
+    system = row.get("system")
+    if system is not None:
+        check_text(system, "system", allow_empty=True)
+    question = check_text(row["question"], "question")
+    prompt = ([{"role": "system", "content": system}] if system and system.strip() else []) + [user(question)]
+    return as_chat_pair(prompt, row["chosen"], row["rejected"], ("question", "chosen", "rejected"))
+
+
+def _stack_exchange(row: dict[str, Any], options: Options) -> Pair:
+    need_columns(row, "question", "response_j", "response_k")
+    return as_chat_pair(row["question"], row["response_j"], row["response_k"], ("question", "response_j", "response_k"))
+
+
+# Rated responses: the usual names of the prompt, the list of responses and the list of scores.
+RATED_PROMPTS = ("prompt", "instruction", "question")
+RATED_RESPONSES = ("responses", "completions")
+RATED_SCORES = ("scores", "ratings", "rewards")
+RESPONSE_TEXT_KEYS = ("response", "text", "content", "completion")
+# UltraFeedback's `fine-grained_score` (the mean of its aspect ratings, which its binarized releases moved to)
+# is preferred to its `overall_score`.
+RESPONSE_SCORE_KEYS = ("score", "rating", "reward", "fine-grained_score", "overall_score")
+
+
+def _first_present(row: dict[str, Any], names: tuple[str, ...]) -> str | None:
+    return next((name for name in names if name in row), None)
+
+
+def _looks_rated(row: dict[str, Any]) -> bool:
+    responses = _first_present(row, RATED_RESPONSES)
+    return (
+        "chosen" not in row
+        and _first_present(row, RATED_PROMPTS) is not None
+        and responses is not None
+        and isinstance(row[responses], list)
+    )
+
+
+def _rated(row: dict[str, Any], options: Options) -> Normalized:
+    prompt_column = _first_present(row, RATED_PROMPTS)
+    responses_column = _first_present(row, RATED_RESPONSES)
+    if prompt_column is None or responses_column is None:
+        missing = "prompt (or instruction, question)" if prompt_column is None else "responses (or completions)"
+        raise RowError(f"missing column {missing}", MISSING_COLUMN)
+    texts, scores = _responses_and_scores(row, responses_column)
+    if len(texts) < 2:
+        return Dropped(TOO_FEW_RESPONSES)
+    best = max(range(len(scores)), key=scores.__getitem__)  # the first of equal bests
+    worst = min(range(len(scores)), key=scores.__getitem__)
+    labels = (prompt_column, f"{responses_column}[{best}]", f"{responses_column}[{worst}]")
+    pair = as_chat_pair(row[prompt_column], texts[best], texts[worst], labels)
+    return _score_gate(scores[best], scores[worst], options) or pair
+
+
+def _responses_and_scores(row: dict[str, Any], column: str) -> tuple[list[Any], list[float]]:
+    """Responses as texts (or message lists) with their scores, from a separate score list or from each item."""
+    responses = row[column]
+    if not isinstance(responses, list):
+        raise RowError(f"column {column!r} must be a list of responses, got {type(responses).__name__}", WRONG_TYPE)
+    scores_column = _first_present(row, RATED_SCORES)
+    if scores_column is not None:
+        scores = row[scores_column]
+        if not isinstance(scores, list):
+            raise RowError(f"column {scores_column!r} must be a list of numbers, got {type(scores).__name__}")
+        if len(scores) != len(responses):
+            raise RowError(
+                f"column {column!r} has {len(responses)} responses but {scores_column!r} {len(scores)} scores"
+            )
+        texts = [_response_text(item, f"{column}[{i}]") for i, item in enumerate(responses)]
+        return texts, [check_score(s, f"{scores_column}[{i}]") for i, s in enumerate(scores)]
+    texts, numbers = [], []
+    for i, item in enumerate(responses):
+        label = f"{column}[{i}]"
+        if not isinstance(item, dict):
+            raise RowError(f"{label} must be an object with a response and a score (or give a `scores` column)")
+        score_key = _first_present(item, RESPONSE_SCORE_KEYS)
+        if score_key is None:
+            raise RowError(f"{label} has no score ({', '.join(RESPONSE_SCORE_KEYS)})", MISSING_COLUMN)
+        texts.append(_response_text(item, label))
+        numbers.append(check_score(item[score_key], f"{label}.{score_key}"))
+    return texts, numbers
+
+
+def _response_text(item: Any, label: str) -> Any:
+    if isinstance(item, str | list):
+        return item
+    if isinstance(item, dict):
+        key = _first_present(item, RESPONSE_TEXT_KEYS)
+        if key is None:
+            raise RowError(f"{label} has no response text ({', '.join(RESPONSE_TEXT_KEYS)})", MISSING_COLUMN)
+        return item[key]
+    raise RowError(f"{label} must be text, got {type(item).__name__}", WRONG_TYPE)
+
+
+def _columns(row: dict[str, Any], options: Options) -> Normalized:
+    """Any layout, through the user's mapping of prompt/chosen/rejected to column names."""
+    mapping = options.columns or {}
+    missing = [f"{column!r} (mapped to {key})" for key, column in mapping.items() if column not in row]
+    if missing:
+        raise RowError(f"missing column {', '.join(missing)}", MISSING_COLUMN)
+    values = {key: row[column] for key, column in mapping.items()}
+    if "prompt" in values:
+        labels = (mapping["prompt"], mapping["chosen"], mapping["rejected"])
+        return as_text_pair(values["prompt"], values["chosen"], values["rejected"], labels)
+    return _implicit_prompt(values, options, (mapping["chosen"], mapping["rejected"]))
+
+
 FORMATS: dict[str, Format] = {}
 
 
@@ -138,6 +471,75 @@ def register(fmt: Format) -> Format:
     return fmt
 
 
+# Registration order is detection order: specific layouts first, the general TRL ones last.
+register(
+    Format(
+        "ultrafeedback-argilla",
+        "UltraFeedback binarized as argilla/ultrafeedback-binarized-preferences-cleaned: conversations with ratings; "
+        "tied ratings are dropped.",
+        lambda row: (
+            {"prompt", "chosen", "rejected"} <= set(row)
+            and ({"chosen-rating", "rejected-rating"} <= set(row) or {"chosen_rating", "rejected_rating"} <= set(row))
+        ),
+        lambda row, options: _binarized(*_rating_columns(row))(row, options),
+        "prompt, chosen, rejected (message lists), chosen-rating, rejected-rating",
+    )
+)
+
+
+def _rating_columns(row: dict[str, Any]) -> tuple[str, str]:
+    return ("chosen-rating", "rejected-rating") if "chosen-rating" in row else ("chosen_rating", "rejected_rating")
+
+
+register(
+    Format(
+        "ultrafeedback-h4",
+        "UltraFeedback binarized as HuggingFaceH4/ultrafeedback_binarized: conversations with scores; tied scores "
+        "are dropped.",
+        lambda row: {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"} <= set(row),
+        _binarized("score_chosen", "score_rejected"),
+        "prompt, chosen, rejected (message lists), score_chosen, score_rejected",
+    )
+)
+register(
+    Format(
+        "orca",
+        "Intel/orca_dpo_pairs: a system text (kept as a system message), a question and two answers.",
+        lambda row: {"question", "chosen", "rejected"} <= set(row) and "prompt" not in row,
+        _orca,
+        "system (optional), question, chosen, rejected",
+    )
+)
+register(
+    Format(
+        "stack-exchange",
+        "Stack Exchange paired: a question, the preferred answer response_j and the other response_k.",
+        lambda row: {"question", "response_j", "response_k"} <= set(row),
+        _stack_exchange,
+        "question, response_j, response_k",
+    )
+)
+register(
+    Format(
+        "rated",
+        "A prompt with several scored responses, paired best against worst; ties and gaps not above "
+        "min_score_margin are dropped. Scores come from a list column or from each response object "
+        "(UltraFeedback's completions with fine-grained_score or overall_score).",
+        _looks_rated,
+        _rated,
+        "prompt|instruction|question, responses|completions, scores|ratings|rewards (or a score in each response)",
+    )
+)
+register(
+    Format(
+        "hh-rlhf",
+        "Anthropic HH-RLHF: chosen and rejected transcripts of `\\n\\nHuman:` / `\\n\\nAssistant:` turns, made into "
+        "conversations with an implicit prompt.",
+        _looks_hh,
+        _hh_rlhf,
+        "chosen, rejected (transcripts)",
+    )
+)
 register(
     Format(
         "trl",
@@ -145,17 +547,45 @@ register(
         "(conversational).",
         lambda row: {"prompt", "chosen", "rejected"} <= set(row),
         _explicit_prompt,
+        "prompt, chosen, rejected",
+    )
+)
+register(
+    Format(
+        "implicit",
+        "TRL's implicit-prompt layout: whole `chosen` and `rejected` conversations or texts; the prompt is their "
+        "shared start and only the last assistant turn may differ (multi_turn=trim cuts longer ones back).",
+        lambda row: {"chosen", "rejected"} <= set(row) and "prompt" not in row,
+        _implicit_prompt,
+        "chosen, rejected",
+    )
+)
+register(
+    Format(
+        "columns",
+        "Any other layout, through `columns: {prompt: ..., chosen: ..., rejected: ...}` (without prompt: implicit).",
+        lambda row: False,  # chosen only when a mapping is given
+        _columns,
+        "the columns you map",
     )
 )
 
 
 def detect_format(row: dict[str, Any], source: str) -> Format:
     """The first registered format whose test accepts `row` (registration order goes from specific to general)."""
-    for fmt in FORMATS.values():
-        if fmt.detect(row):
-            return fmt
-    columns = ", ".join(sorted(row)) or "none"
-    raise UserError(
+    fmt = find_format(row)
+    if fmt is None:
+        raise unknown_format(row, source)
+    return fmt
+
+
+def find_format(row: dict[str, Any]) -> Format | None:
+    return next((fmt for fmt in FORMATS.values() if fmt.detect(row)), None)
+
+
+def unknown_format(row: dict[str, Any], source: str) -> UserError:
+    columns = ", ".join(sorted(map(str, row))) or "none"
+    return UserError(
         f"{source}: unknown format (columns: {columns}); set data_format to one of {', '.join(FORMATS)} or map "
         "your columns with columns={prompt: ..., chosen: ..., rejected: ...}"
     )
@@ -163,7 +593,9 @@ def detect_format(row: dict[str, Any], source: str) -> Format:
 
 def get_format(name: str) -> Format:
     if name not in FORMATS:
-        raise UserError(f"config key `data_format` = {name!r}: must be auto or one of {', '.join(FORMATS)}")
+        raise UserError(
+            f"data format {name!r} (data_format, --data-format): must be auto or one of {', '.join(FORMATS)}"
+        )
     return FORMATS[name]
 
 

@@ -1,16 +1,103 @@
-"""From a data source to validated pairs, with every left-out row accounted for."""
+"""From a data source to validated pairs, with every left-out row accounted for.
+
+`load_pairs` returns all pairs in memory, for training. `PairReader` yields them one at a time, for looking at
+data too large to hold (`dpokit data inspect`); both detect the format the same way and count the same things.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from dpokit.data import BadRow, LoadedPairs, Pair
-from dpokit.data.formats import Dropped, Format, Options, RowError, detect_format, get_format
-from dpokit.data.sources import iter_rows
+from dpokit.data.formats import Adjusted, Dropped, Format, Options, RowError, find_format, get_format, unknown_format
+from dpokit.data.sources import Row, iter_rows
 from dpokit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DETECT_ROWS = 100  # rows looked at to find the format, so a malformed first row does not hide it
+
+
+class PairReader:
+    """The pairs of a source, read lazily. While iterating, it fills `format`, `rows`, `bad_rows` and `counts`.
+
+    The format is the one named, or (for `auto`) the first one that recognizes one of the first readable rows;
+    earlier rows are then normalized with it too and fail with their own reasons.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        split: str = "train",
+        data_config: str | None = None,
+        data_format: str = "auto",
+        options: Options | None = None,
+    ) -> None:
+        self.source = source
+        self.split = split
+        self.data_config = data_config
+        self.options = options or Options()
+        self.fixed: Format | None = _fixed_format(data_format, self.options)
+        self.format: str | None = self.fixed.name if self.fixed else None
+        self.detected = self.fixed is None
+        self.rows = 0
+        self.bad_rows: list[BadRow] = []
+        self.counts: Counter[str] = Counter()
+
+    def __iter__(self) -> Iterator[Pair]:
+        rows = iter_rows(self.source, split=self.split, data_config=self.data_config)
+        fmt, rows = (self.fixed, rows) if self.fixed else self._detect(rows)
+        for origin, row in rows:
+            self.rows += 1
+            if isinstance(row, BadRow):
+                self.bad_rows.append(row)
+                continue
+            assert fmt is not None  # a good row means a format was found
+            try:
+                result = fmt.normalize(row, self.options)
+            except RowError as e:
+                self.bad_rows.append(BadRow(origin, str(e), row, e.kind))
+                continue
+            if isinstance(result, Dropped):
+                self.counts[result.reason] += 1
+                continue
+            if isinstance(result, Adjusted):
+                self.counts[result.reason] += 1
+                result = result.pair
+            yield Pair(result.prompt, result.chosen, result.rejected, origin)
+
+    def _detect(self, rows: Iterator[Row]) -> tuple[Format | None, Iterator[Row]]:
+        looked: list[Row] = []
+        first_row: dict[str, Any] | None = None
+        readable = 0
+        for origin, row in rows:
+            looked.append((origin, row))
+            if isinstance(row, BadRow):
+                continue
+            readable += 1
+            first_row = first_row if first_row is not None else row
+            fmt = find_format(row)
+            if fmt is not None:
+                self.format = fmt.name
+                log.info("%s: format %s (detected)", self.source, fmt.name)
+                return fmt, itertools.chain(looked, rows)
+            if readable >= DETECT_ROWS:
+                break
+        if first_row is not None:
+            raise unknown_format(first_row, self.source)
+        return None, iter(looked)  # no readable row at all: every row is reported as bad
+
+    def check(self, max_bad_rows: int, rejected_dir: str | os.PathLike | None = None) -> str | None:
+        """Write the bad rows to a side file (returning its path) and fail if there are more than `max_bad_rows`."""
+        return check_bad_rows(self.bad_rows, self.source, max_bad_rows, rejected_dir)
 
 
 def load_pairs(
@@ -28,55 +115,83 @@ def load_pairs(
     Bad rows are written with their reasons to `<rejected_dir>/<source name>.rejected.jsonl` (beside the source
     when no folder is given), so nothing the user gave disappears without a trace.
     """
-    options = options or Options()
-    pairs: list[Pair] = []
-    bad: list[BadRow] = []
-    counts: Counter[str] = Counter()
-    fmt: Format | None = (
-        None if data_format == "auto" and options.columns is None else _fixed_format(data_format, options)
-    )
-    for origin, row in iter_rows(source, split=split, data_config=data_config):
-        if isinstance(row, BadRow):
-            bad.append(row)
-            continue
-        if fmt is None:
-            fmt = detect_format(row, source)
-        try:
-            result = fmt.normalize(row, options)
-        except RowError as e:
-            bad.append(BadRow(origin, str(e), row))
-            continue
-        if isinstance(result, Dropped):
-            counts[result.reason] += 1
-            continue
-        pairs.append(Pair(result.prompt, result.chosen, result.rejected, origin))
-    loaded = LoadedPairs(pairs, fmt.name if fmt else data_format, source, bad, dict(counts))
-    if bad:
-        loaded.rejected_file = str(write_rejected(bad, source, rejected_dir))
-    if len(bad) > max_bad_rows:
-        first = bad[0]
-        more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
-        raise UserError(
-            f"{first.origin}: {first.reason}{more}; all bad rows with reasons are in {loaded.rejected_file}; fix "
-            f"them or raise max_bad_rows (now {max_bad_rows})"
-        )
+    reader = PairReader(source, split=split, data_config=data_config, data_format=data_format, options=options)
+    pairs = list(reader)
+    loaded = LoadedPairs(pairs, reader.format or data_format, source, reader.bad_rows, dict(reader.counts))
+    loaded.rows = reader.rows
+    loaded.detected = reader.detected
+    loaded.rejected_file = reader.check(max_bad_rows, rejected_dir)
     if not pairs:
-        raise UserError(f"{source}: no usable pairs (rows: {len(bad)} bad, {sum(counts.values())} dropped)")
+        dropped = ", ".join(f"{n} {reason}" for reason, n in reader.counts.items()) or "none dropped"
+        raise UserError(f"{source}: no usable pairs in {reader.rows} rows ({len(reader.bad_rows)} bad; {dropped})")
+    log.info("%s", describe_loaded(loaded))
     return loaded
 
 
-def _fixed_format(name: str, options: Options) -> Format:
+def describe_loaded(loaded: LoadedPairs) -> str:
+    """One line: how many rows became pairs, the format, and where the others went."""
+    parts = [f"{loaded.source}: {len(loaded.pairs)} pairs from {loaded.rows} rows (format {loaded.format})"]
+    parts += [f"{reason}: {n}" for reason, n in sorted(loaded.counts.items())]
+    if loaded.bad_rows:
+        parts.append(f"bad rows: {len(loaded.bad_rows)}, written to {loaded.rejected_file}")
+    return "; ".join(parts)
+
+
+def check_bad_rows(
+    bad: list[BadRow], source: str, max_bad_rows: int, rejected_dir: str | os.PathLike | None = None
+) -> str | None:
+    """Write bad rows beside the source (or into `rejected_dir`); more than `max_bad_rows` of them is an error."""
+    if not bad:
+        return None
+    rejected_file = str(write_rejected(bad, source, rejected_dir))
+    error = too_many_bad_rows(bad, rejected_file, max_bad_rows)
+    if error is not None:
+        raise error
+    return rejected_file
+
+
+def too_many_bad_rows(bad: list[BadRow], rejected_file: str | None, max_bad_rows: int) -> UserError | None:
+    """The error for more than `max_bad_rows` bad rows: the first one, how many more, and where they all are."""
+    if len(bad) <= max_bad_rows:
+        return None
+    first = bad[0]
+    more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
+    return UserError(
+        f"{first.origin}: {first.reason}{more}; all bad rows with reasons are in {rejected_file}; fix "
+        f"them or raise max_bad_rows (now {max_bad_rows})"
+    )
+
+
+def _fixed_format(name: str, options: Options) -> Format | None:
     if options.columns is not None:
+        if name not in ("auto", "columns"):
+            raise UserError(f"data_format `{name}` and a columns mapping exclude each other; give one of them")
         return get_format("columns")
-    return get_format(name)
+    if name == "columns":
+        raise UserError("data_format `columns` needs the mapping: columns={prompt: ..., chosen: ..., rejected: ...}")
+    return None if name == "auto" else get_format(name)
+
+
+def _json_line(value: dict[str, Any]) -> str:
+    line = json.dumps(value, ensure_ascii=False, default=repr)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates (from JSON escapes or undecodable CSV bytes) only fit escaped
+        line = json.dumps(value, default=repr)
+    return line + "\n"
 
 
 def write_rejected(bad: list[BadRow], source: str, folder: str | os.PathLike | None) -> Path:
+    """`<source name>.rejected.jsonl` in `folder`, or beside a local source, or here for a hub dataset."""
     src = Path(source)
-    name = (src.stem if src.suffix else src.name.replace("/", "_")) + ".rejected.jsonl"
-    target = Path(folder) / name if folder is not None else (src.parent if src.exists() else Path(".")) / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("w", encoding="utf-8") as f:
-        for row in bad:
-            f.write(json.dumps(row.to_dict(), ensure_ascii=False, default=repr) + "\n")
+    local = src.exists()
+    stem = (src.stem if src.is_file() else src.name) if local else source.replace("/", "_")
+    target = (Path(folder) if folder is not None else src.parent if local else Path(".")) / f"{stem}.rejected.jsonl"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w", encoding="utf-8") as f:
+            for row in bad:
+                f.write(_json_line(row.to_dict()))
+    except OSError as e:
+        raise UserError(f"cannot write the bad rows of {source} to {target} ({e.strerror}); free that place") from None
     return target

@@ -1,12 +1,29 @@
 """Reading rows from where users keep preference data.
 
-A source yields `(origin, row)` items: `origin` is "file:line" and `row` is a dict, or a `BadRow` when the bytes
-cannot be read as a row. Files are read lazily, row by row, so inspecting a large file does not hold it in memory.
+A source yields `(origin, row)` items: `origin` is "file:N" and `row` is a dict, or a `BadRow` when the bytes
+cannot be read as a row. N counts from 1: the line number in a JSONL file, the row number (header not counted)
+in a CSV or Parquet file, the list position in a JSON file, the row index + 1 in a hub split.
+
+Files are read lazily, row by row (Parquet in record batches, CSV through the csv module), so inspecting a large
+file does not hold it in memory. A `.json` file holding one JSON array is the exception: a JSON array has no row
+boundaries, so it is parsed whole; JSONL or Parquet are the shapes for large data.
+
+Sources:
+- a `.jsonl`, `.json`, `.csv` or `.parquet` file;
+- a folder of such files (searched recursively): when some file names carry a split (`train.jsonl`,
+  `test-00000-of-00001.parquet`, `train_prefs-*.parquet`, `pairs.test.jsonl`, or a `train/` subfolder), only
+  the requested split's files are read, files without a split name counting as `train`; otherwise all of them;
+- anything else is taken as a Hugging Face hub dataset id, loaded through `datasets.load_dataset` (which also
+  reads its local cache when there is no network).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,25 +31,114 @@ from typing import Any
 from dpokit.data import BadRow
 from dpokit.errors import UserError
 
+log = logging.getLogger(__name__)
+
 Row = tuple[str, "dict[str, Any] | BadRow"]
 
-FILE_SUFFIXES = (".jsonl", ".json")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+KNOWN_SPLITS = ("train", "test", "validation", "valid", "val", "dev", "eval")
+REJECTED_SUFFIX = ".rejected.jsonl"  # our own side files of bad rows, never read back as data
+PARQUET_BATCH_ROWS = 256
+
+# Kinds of bad rows that the source itself finds (formats add theirs).
+INVALID_JSON = "invalid JSON"
+UNDECODABLE = "undecodable bytes"
+NOT_AN_OBJECT = "wrong type"
+WRONG_FIELD_COUNT = "wrong number of fields"
 
 
 def iter_rows(source: str, split: str = "train", data_config: str | None = None) -> Iterator[Row]:
-    """Rows of a local file; `split` and `data_config` are for sources that have them."""
+    """Rows of a local file, a folder of files, or a hub dataset; `split` and `data_config` pick a part of it."""
     path = Path(source).expanduser()
-    if not path.exists():
-        raise UserError(f"data file {source} does not exist")
     if path.is_dir():
-        raise UserError(f"{source} is a folder; give a .json or .jsonl file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _iter_jsonl(path)
-    elif suffix == ".json":
-        yield from _iter_json(path)
+        for file in folder_files(path, split):
+            yield from _iter_file(file)
+    elif path.exists():
+        yield from _iter_file(path)
+    elif _looks_local(source):
+        raise UserError(f"data file {source} does not exist")
     else:
-        raise UserError(f"data file {source}: unknown file type `{suffix}`; use .json or .jsonl")
+        yield from _iter_hub(source, split, data_config)
+
+
+def _looks_local(source: str) -> bool:
+    """A path the user meant as a file: it has a data suffix, starts like a path, or has more than owner/name."""
+    return (
+        Path(source).suffix.lower() in FILE_SUFFIXES
+        or source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or "\\" in source
+    )
+
+
+def _iter_file(path: Path) -> Iterator[Row]:
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise UserError(
+            f"data file {path}: unknown file type `{suffix or '(none)'}`; use .jsonl, .json, .csv or .parquet"
+        )
+    readers = {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv, ".parquet": _iter_parquet}
+    count = 0
+    for item in readers[suffix](path):
+        count += 1
+        yield item
+    if count == 0:
+        raise UserError(f"data file {path} is empty: it holds no rows")
+
+
+# --- folders ----------------------------------------------------------------------------------------------------------
+
+
+def folder_files(folder: Path, split: str) -> list[Path]:
+    """The data files of `split` in `folder`, or all of its data files when none is named after a split."""
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in FILE_SUFFIXES
+        and not p.name.endswith(REJECTED_SUFFIX)
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise UserError(f"data folder {folder} holds no .jsonl, .json, .csv or .parquet files")
+    labels = {file: split_of(file, folder, split) for file in files}
+    if all(label is None for label in labels.values()):
+        return files
+    wanted = split.lower()
+    chosen = [f for f, label in labels.items() if label == wanted]
+    if not chosen:  # `train` also finds train_data.jsonl, if no other train_* name competes
+        chosen = [f for f, label in labels.items() if label is not None and label.split("_")[0] == wanted]
+        names = sorted({labels[f] for f in chosen})
+        if len(names) > 1:
+            raise UserError(f"data folder {folder}: splits {', '.join(names)} all match split `{split}`; pick one")
+    if wanted == "train":  # files that name no split go with train
+        chosen = sorted(chosen + [f for f, label in labels.items() if label is None])
+    if not chosen:
+        found = ", ".join(sorted({label for label in labels.values() if label is not None}))
+        raise UserError(f"data folder {folder} has files for splits {found} but none for split `{split}`; pick one")
+    log.info("%s: reading split %s from %s", folder, split, ", ".join(str(f.relative_to(folder)) for f in chosen))
+    return chosen
+
+
+def split_of(file: Path, folder: Path, requested: str) -> str | None:
+    """The split a file's name (or its first subfolder) names, or None.
+
+    A name counts as a split when it is a usual one (train, test, validation, ...), one of those followed by
+    `_` (train_prefs, test_data), or the requested split. It sits first or last in the file name, between `-`
+    and `.` (train.jsonl, test-00000-of-00001.parquet, pairs.test.jsonl).
+    """
+    tokens = re.split(r"[-.]", file.stem.lower())
+    candidates = [tokens[0], tokens[-1]]
+    relative = file.relative_to(folder)
+    if len(relative.parts) > 1:
+        candidates.append(relative.parts[0].lower())
+    for name in candidates:
+        if name == requested.lower() or name in KNOWN_SPLITS or name.split("_")[0] in KNOWN_SPLITS:
+            return name
+    return None
+
+
+# --- file readers -----------------------------------------------------------------------------------------------------
 
 
 def _iter_jsonl(path: Path) -> Iterator[Row]:
@@ -40,37 +146,127 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
         for number, raw in enumerate(f, start=1):
             origin = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield origin, BadRow(origin, f"undecodable bytes (not UTF-8) at byte {e.start}", None)
+                yield origin, BadRow(origin, f"undecodable bytes (not UTF-8) at byte {e.start}", None, UNDECODABLE)
                 continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield origin, BadRow(origin, f"invalid JSON ({e.msg} at column {e.colno})", line.rstrip("\n"))
+                reason = f"invalid JSON ({e.msg} at column {e.colno})"
+                yield origin, BadRow(origin, reason, line.rstrip("\n"), INVALID_JSON)
                 continue
-            if not isinstance(row, dict):
-                yield origin, BadRow(origin, f"expected a JSON object, got {type(row).__name__}", row)
-                continue
-            yield origin, row
+            yield origin, _as_row(origin, row)
 
 
 def _iter_json(path: Path) -> Iterator[Row]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise UserError(f"data file {path}: undecodable bytes (not UTF-8) at byte {e.start}") from None
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and e.lineno > 1:  # JSON Lines saved as .json, as many tools do
+            yield from _iter_jsonl(path)
+            return
+        if not e.doc.strip():
+            raise UserError(f"data file {path} is empty: it holds no rows") from None
         raise UserError(f"data file {path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} / {"train": [...]}
+    if isinstance(data, dict):
+        data = [data]
     if not isinstance(data, list):
         raise UserError(f"data file {path}: expected a JSON list of rows, got {type(data).__name__}")
     for number, row in enumerate(data, start=1):
         origin = f"{path}:{number}"
-        if not isinstance(row, dict):
-            yield origin, BadRow(origin, f"expected a JSON object, got {type(row).__name__}", row)
-        else:
-            yield origin, row
+        yield origin, _as_row(origin, row)
+
+
+def _as_row(origin: str, row: Any) -> dict[str, Any] | BadRow:
+    if not isinstance(row, dict):
+        return BadRow(origin, f"expected a JSON object, got {type(row).__name__}", row, NOT_AN_OBJECT)
+    return row
+
+
+def _iter_csv(path: Path) -> Iterator[Row]:
+    """CSV rows; cells holding JSON lists or objects (message lists, score lists) are decoded."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long responses exceed the default 128 KiB cell limit
+    # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row does not end the file
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            for number, cells in enumerate(reader, start=1):
+                origin = f"{path}:{number}"
+                if not cells:
+                    continue
+                yield origin, _csv_row(origin, header, cells)
+        except csv.Error as e:
+            raise UserError(f"data file {path}: not readable as CSV near line {reader.line_num} ({e})") from None
+
+
+def _csv_row(origin: str, header: list[str], cells: list[str]) -> dict[str, Any] | BadRow:
+    raw = dict(zip(header, cells, strict=False))
+    if len(cells) != len(header):
+        reason = f"row has {len(cells)} fields, the header has {len(header)}"
+        return BadRow(origin, reason, _printable(raw), WRONG_FIELD_COUNT)
+    for column, cell in raw.items():
+        bad = next((i for i, ch in enumerate(cell) if "\udc80" <= ch <= "\udcff"), None)
+        if bad is not None:
+            reason = f"undecodable bytes (not UTF-8) in column {column!r} at character {bad}"
+            return BadRow(origin, reason, _printable(raw), UNDECODABLE)
+    return {column: decode_cell(cell) for column, cell in raw.items()}
+
+
+def _printable(raw: dict[str, str]) -> dict[str, str]:
+    return {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for k, v in raw.items()}
+
+
+def decode_cell(cell: str) -> Any:
+    """A cell that holds a JSON list or object becomes that value; any other cell stays text."""
+    text = cell.strip()
+    if text[:1] in ("[", "{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return cell
+    return cell
+
+
+def _iter_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(f"data file {path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    number = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{path}:{number}", row
+
+
+# --- the hub ----------------------------------------------------------------------------------------------------------
+
+
+def _iter_hub(dataset_id: str, split: str, data_config: str | None) -> Iterator[Row]:
+    """Rows of a hub dataset split, memory-mapped by `datasets` (from its cache when offline)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, data_config, split=split)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(
+            f"data `{dataset_id}` is not a local file or folder, and the hub could not provide it ({reason}); "
+            "check the path, or the dataset id, config and split"
+        ) from None
+    where = f"{dataset_id}[{split}]"
+    for number, row in enumerate(dataset, start=1):
+        yield f"{where}:{number}", row

@@ -1,0 +1,175 @@
+"""`dpokit data prepare`: any supported layout in, clean conversational train/test triplets out.
+
+Every pair becomes a conversational triplet (a standard text pair becomes a user turn and assistant turns).
+Exact duplicates and pairs whose chosen equals rejected are removed, over-long pairs too when a limit is given,
+and a test split is held out whole prompts at a time, so no prompt is in both files. The training triplets go to
+OUT.jsonl, the test ones to OUT.test.jsonl beside it, and one line accounts for every row read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from dpokit.data import Pair
+from dpokit.data.encode import apply_length_policy, encode_pairs
+from dpokit.data.formats import to_conversational
+from dpokit.data.inspect import options_from_args, tokenizer_from_args
+from dpokit.data.load import load_pairs
+from dpokit.errors import UserError
+
+DUPLICATE = "duplicate pairs"
+IDENTICAL = "identical chosen and rejected"
+
+
+def run(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    train_path, test_path = output_paths(args.output, args.data)
+    _check_arguments(args)
+    loaded = load_pairs(
+        args.data,
+        split=args.split,
+        data_config=args.data_config,
+        data_format=args.data_format,
+        options=options,
+        max_bad_rows=args.max_bad_rows,
+        rejected_dir=train_path.parent,
+    )
+    removed: Counter[str] = Counter()
+    pairs = deduplicate([to_conversational(pair) for pair in loaded.pairs], removed)
+    if args.max_length is not None or args.filter_percentile is not None:
+        pairs = filter_lengths(pairs, args, removed)
+    train, test = split_by_prompt(pairs, args.test_size, args.seed)
+    write_jsonl(train_path, train)
+    if test:
+        write_jsonl(test_path, test)
+    fmt = f"{loaded.format}, detected" if loaded.detected else loaded.format
+    print(_account(loaded.source, fmt, loaded.rows, train_path, len(train), test_path, len(test)))
+    print("  left out: " + _left_out(loaded.bad_rows, loaded.rejected_file, loaded.counts, removed))
+    trimmed = {reason: n for reason, n in loaded.counts.items() if not reason.startswith("dropped")}
+    for reason, count in trimmed.items():
+        print(f"  kept after a change: {count} ({reason})")
+    return 0
+
+
+def output_paths(output: str, source: str) -> tuple[Path, Path]:
+    """OUT.jsonl for training and OUT.test.jsonl beside it; never the source itself."""
+    train_path = Path(output).expanduser()
+    if train_path.suffix.lower() != ".jsonl":
+        raise UserError(f"--output {output}: give a .jsonl file name (the test split goes beside it as .test.jsonl)")
+    if train_path.is_dir():
+        raise UserError(f"--output {output} is a folder; give a .jsonl file name")
+    if Path(source).exists() and train_path.resolve() == Path(source).resolve():
+        raise UserError(f"--output {output} is the input file; write the prepared data somewhere else")
+    return train_path, train_path.with_name(train_path.stem + ".test.jsonl")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.test_size < 0 or (args.test_size >= 1 and not float(args.test_size).is_integer()):
+        raise UserError(f"--test-size {args.test_size:g}: give a share in [0, 1) or a whole number of pairs")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
+    if args.filter_percentile is not None and not 0 < args.filter_percentile <= 100:
+        raise UserError(f"--filter-percentile {args.filter_percentile:g}: must be in (0, 100]")
+
+
+def deduplicate(pairs: Sequence[Pair], removed: Counter[str]) -> list[Pair]:
+    """The pairs without exact repeats (the first is kept) and without pairs whose chosen equals rejected."""
+    seen: set[str] = set()
+    kept = []
+    for pair in pairs:
+        if pair.chosen == pair.rejected:
+            removed[IDENTICAL] += 1
+            continue
+        key = json.dumps(pair.to_dict(), sort_keys=True, ensure_ascii=False)
+        if key in seen:
+            removed[DUPLICATE] += 1
+            continue
+        seen.add(key)
+        kept.append(pair)
+    return kept
+
+
+def filter_lengths(pairs: list[Pair], args: argparse.Namespace, removed: Counter[str]) -> list[Pair]:
+    """Drop pairs whose prompt + longer response is over `--max-length` tokens, or over the `--filter-percentile`
+    of those lengths, counted with the model's tokenizer exactly as training counts them."""
+    import numpy as np
+
+    tokenizer, _ = tokenizer_from_args(args)
+    encoded = encode_pairs(tokenizer, pairs)
+    if args.max_length is not None:
+        limit, why = args.max_length, f"over {args.max_length} tokens"
+    else:
+        totals = [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in encoded]
+        # lengths are whole tokens: at or below the percentile means at or below its floor
+        limit = math.floor(float(np.percentile(totals, args.filter_percentile)))
+        why = f"over the {args.filter_percentile:g}th length percentile ({limit} tokens)"
+    kept = apply_length_policy(
+        encoded, [str(i) for i in range(len(pairs))], max_length=limit, max_prompt_length=None, length_policy="drop"
+    )
+    dropped = sum(kept.counts.values())
+    if dropped:
+        removed[why] += dropped
+    return [pairs[int(i)] for i in kept.origins]
+
+
+def split_by_prompt(pairs: list[Pair], test_size: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, test): whole prompt groups, in shuffled order, go to test until it holds its share (a fraction below
+    1) or count of pairs; both keep the input order."""
+    if not pairs:
+        raise UserError("no pairs left to write after removing duplicates and over-long pairs")
+    target = math.ceil(len(pairs) * test_size) if test_size < 1 else int(test_size)
+    if target == 0:
+        return pairs, []
+    if target >= len(pairs):
+        raise UserError(f"--test-size {test_size:g} leaves no training pairs out of {len(pairs)}; give a smaller one")
+    groups: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(json.dumps(pair.prompt, sort_keys=True, ensure_ascii=False), []).append(i)
+    order = list(groups)
+    random.Random(seed).shuffle(order)
+    test: set[int] = set()
+    for key in order:
+        if len(test) >= target:
+            break
+        if len(test) + len(groups[key]) < len(pairs):  # training keeps at least one prompt
+            test.update(groups[key])
+    if not test:
+        raise UserError("every pair has the same prompt, so no test split can keep prompts apart; use --test-size 0")
+    return [p for i, p in enumerate(pairs) if i not in test], [p for i, p in enumerate(pairs) if i in test]
+
+
+def write_jsonl(path: Path, pairs: Sequence[Pair]) -> None:
+    """One `{prompt, chosen, rejected}` object a line, written whole or not at all."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for pair in pairs:
+                f.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); give a writable --output") from None
+
+
+def _account(source: str, fmt: str, rows: int, train_path: Path, train: int, test_path: Path, test: int) -> str:
+    test_part = f", {test} to {test_path} (test)" if test else ", no test split"
+    return f"{source}: {rows} rows (format {fmt}): {train} pairs to {train_path} (train){test_part}"
+
+
+def _left_out(
+    bad_rows: Sequence[object], rejected_file: str | None, counts: dict[str, int], removed: Counter[str]
+) -> str:
+    parts = []
+    if bad_rows:
+        parts.append(f"{len(bad_rows)} bad rows (reasons in {rejected_file})")
+    parts += [f"{n} {reason.removeprefix('dropped: ')}" for reason, n in counts.items() if reason.startswith("dropped")]
+    parts += [f"{n} {reason}" for reason, n in removed.items()]
+    return ", ".join(parts) or "nothing"
