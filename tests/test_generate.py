@@ -206,8 +206,10 @@ def test_generate_writes_trainable_pairs_with_provenance(
     assert first["judge"] == judge and first["model"] == str(tiny_model) and first["adapter"] is None
     assert first["sampling"] == {"num_samples": 3, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 8, "seed": 7}
     assert first["pairing"] == "best-worst" and first["min_margin"] == 0.0
-    loaded = load_pairs(str(output))  # what `dpokit train` reads
-    assert loaded.format == "trl" and len(loaded.pairs) == 4 and loaded.pairs[0].conversational
+    loaded = load_pairs(str(output))  # what `dpokit train` reads: UltraFeedback's binarized layout, as it is
+    assert [(p.prompt, p.chosen, p.rejected) for p in loaded.pairs] == [
+        (r["prompt"], r["chosen"], r["rejected"]) for r in rows
+    ]
     assert not skipped_path(output).exists()
 
     # the same command again: nothing to do, nothing loaded, nothing appended
@@ -349,7 +351,7 @@ def test_bad_inputs_exit_2_with_one_line(
     other_run.write_text(json.dumps({"prompt_id": "q0", "judge": "python:x.py:f"}) + "\n", encoding="utf-8")
     port = free_port()
     cases = [
-        (generate_args(tiny_model, empty, judge, tmp_path / "o1.jsonl"), r"no prompts found"),
+        (generate_args(tiny_model, empty, judge, tmp_path / "o1.jsonl"), r"empty.jsonl is empty"),
         (generate_args(tiny_model, not_text, judge, tmp_path / "o2.jsonl"), r"bad.jsonl:2: column 'prompt' must be"),
         (generate_args(tiny_model, tmp_path / "nope.txt", judge, tmp_path / "o3.jsonl"), r"does not exist"),
         (generate_args(tiny_model, prompts_file, "python:nomodule_abc:f", tmp_path / "o4.jsonl"), r"no module"),

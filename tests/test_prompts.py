@@ -81,7 +81,7 @@ def test_messages_are_cut_after_the_last_user_turn(tmp_path: Path) -> None:
     assert items[0].turns == ["Hi", "Name a fruit."]
 
 
-def test_json_list_and_csv(tmp_path: Path) -> None:
+def test_json_list_csv_and_parquet(tmp_path: Path) -> None:
     json_path = tmp_path / "p.json"
     json_path.write_text(json.dumps({"data": [{"prompt": "a"}, {"prompt": "b"}]}), encoding="utf-8")
     assert [i.text for i in load_prompts(str(json_path))] == ["a", "b"]
@@ -89,12 +89,19 @@ def test_json_list_and_csv(tmp_path: Path) -> None:
     csv_path.write_text('id,prompt\n7,"Hello, world"\n8,"two\nlines"\n', encoding="utf-8")
     items = load_prompts(str(csv_path))
     assert [(i.key, i.text) for i in items] == [("7", "Hello, world"), ("8", "two\nlines")]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet_path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"question": ["first?", "second?"], "category": ["x", "y"]}), parquet_path)
+    items = load_prompts(str(parquet_path))
+    assert [(i.text, i.category) for i in items] == [("first?", "x"), ("second?", "y")]
 
 
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("empty.jsonl", "", r"prompts .*empty.jsonl: no prompts found"),
+        ("empty.jsonl", "", r"empty.jsonl is empty"),
         ("blank.txt", "\n\n", r"no prompts found"),
         ("num.jsonl", '{"prompt": "ok"}\n{"prompt": 5}\n', r"num.jsonl:2: column 'prompt' must be text"),
         ("blank.jsonl", '{"prompt": "  "}\n', r"blank.jsonl:1: column 'prompt' is empty"),
@@ -105,7 +112,7 @@ def test_json_list_and_csv(tmp_path: Path) -> None:
         ("roles.jsonl", '{"messages": [{"role": "bot", "content": "x"}]}\n', r"unknown role 'bot'"),
         ("nouser.jsonl", '{"messages": [{"role": "system", "content": "x"}]}\n', r"no user message"),
         ("ids.jsonl", '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', r"ids.jsonl:2: id 1 is used by"),
-        ("p.parquet", "", r"unknown file type `.parquet`"),
+        ("p.xml", "<a/>", r"unknown file type `.xml`"),
     ],
 )
 def test_bad_prompt_files_name_file_and_row(tmp_path: Path, name: str, content: str, message: str) -> None:
@@ -117,10 +124,10 @@ def test_bad_prompt_files_name_file_and_row(tmp_path: Path, name: str, content: 
 
 
 def test_missing_file_and_unreachable_hub_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(UserError, match=r"prompts file .*nothere.jsonl does not exist"):
+    with pytest.raises(UserError, match=r"data file .*nothere.jsonl does not exist"):
         load_prompts(str(tmp_path / "nothere.jsonl"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"prompts `someone/no-such-set` is not a local file, and loading it"):
+    with pytest.raises(UserError, match=r"`someone/no-such-set` is not a local file or folder, and the hub could not"):
         load_prompts("someone/no-such-set", split="test")

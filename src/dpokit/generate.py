@@ -405,14 +405,21 @@ def generate_pairs(
     adapter: str | None = None,
     distribution: Distribution | None = None,
     show_progress: bool = True,
+    bf16: bool | None = None,
 ) -> Summary:
     """Make pairs for `items` into `output` (resuming it), and return the counts. The Python face of the command.
 
     `model_name` and `adapter` are the names recorded in each row (the loaded `model` cannot tell its own).
+    `bf16` samples under bf16 autocast; None uses it where the hardware runs it fast (`models.bf16_is_fast`).
     """
+    from dpokit.models import bf16_is_fast
+
     dist = distribution or Distribution()
     output = Path(output)
     provenance = make_provenance(judge.spec, model_name, adapter, sampling, pairing)
+    if bf16 is None:
+        bf16 = bf16_is_fast(next(model.parameters()).device)
+    provenance["bf16"] = bf16  # recorded, not required to match on resume: it changes numerics, not the recipe
     order = {item.key: i for i, item in reversed(list(enumerate(items)))}
     if dist.is_main:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -486,8 +493,11 @@ def _run_batches(
     dist: Distribution,
     show_progress: bool,
 ) -> Summary:
+    import torch
+
     from dpokit.sampling import generate_responses
 
+    device = next(model.parameters()).device
     summary = Summary(output=str(output))
     if dist.world_size > 1:
         pairs, skipped = RowWriter(part_path(output, dist.rank)), RowWriter(part_path(skipped_path(output), dist.rank))
@@ -498,7 +508,10 @@ def _run_batches(
         try:
             for batch in batches:
                 settings = dataclasses.replace(sampling, seed=batch_seed(sampling.seed, batch))
-                answers = generate_responses(model, tokenizer, [item.messages for item in batch], settings, advance)
+                conversations = [item.messages for item in batch]
+                # bf16 autocast samples ~1.6x faster on an AMX CPU; greedy answers stay the same for dozens of tokens
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=provenance["bf16"]):
+                    answers = generate_responses(model, tokenizer, conversations, settings, advance)
                 rows, skips, counts = judge_batch(batch, answers, judge, pairing, sampling.seed, provenance)
                 pairs.write(rows)
                 skipped.write(skips)
@@ -617,6 +630,7 @@ def run(args: argparse.Namespace) -> int:
             model_name=model_name,
             adapter=args.adapter,
             distribution=dist,
+            bf16=args.bf16,
         )
     finally:
         judge.close()

@@ -1,8 +1,8 @@
 """Prompts to answer, from the files users keep them in: for `generate`, `compare`, `vibe` and the demo.
 
-`load_prompts` reads JSONL, JSON, CSV, plain text (one prompt per line) or a column of a hub dataset, and returns
-`PromptItem`s. The prompt column is given or detected (`prompt`, `question`, `instruction`, `messages`, `turns`,
-in that order). A cell may hold
+`load_prompts` reads plain text (one prompt per line) or whatever the data loader reads (JSONL, JSON, CSV, Parquet,
+a folder of them, a hub dataset) and returns `PromptItem`s. The prompt column is given or detected (`prompt`,
+`question`, `instruction`, `messages`, `turns`, in that order). A cell may hold
 
 - text: one user turn (an Alpaca `instruction` gets its non-empty `input` appended after a blank line);
 - a list of `{role, content}` messages: a conversation; one that ends with assistant turns is cut after its last
@@ -16,7 +16,6 @@ from new ones. Any prompt that is not text stops loading with one line naming th
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_COLUMNS = ("prompt", "question", "instruction", "messages", "turns")
 ID_COLUMNS = ("question_id", "id", "prompt_id")
-TEXT_SUFFIXES = (".txt", ".text", ".md", "")
+TEXT_SUFFIXES = (".txt", ".text", ".md")
 
 
 @dataclass(frozen=True)
@@ -91,57 +90,16 @@ def load_prompts(
 
 
 def _iter_source(source: str, split: str, data_config: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a text file (one prompt per line), or of anything the data loader reads: JSONL, JSON, CSV,
+    Parquet, a folder of them, or a hub dataset."""
     path = Path(source).expanduser()
-    if not path.exists():
-        if _looks_like_hub_id(source):
-            yield from _iter_hub(source, split, data_config)
-            return
-        raise UserError(f"prompts file {source} does not exist")
-    if path.is_dir():
-        raise UserError(f"prompts {source} is a folder; give a .jsonl, .json, .csv or .txt file")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        for origin, row in iter_rows(str(path)):
-            if isinstance(row, BadRow):
-                raise UserError(f"{origin}: {row.reason}; each line must be one JSON object")
-            yield origin, row
-    elif suffix == ".csv":
-        yield from _iter_csv(path)
-    elif suffix in TEXT_SUFFIXES:
+    if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
         yield from _iter_text(path)
-    else:
-        raise UserError(f"prompts file {source}: unknown file type `{suffix}`; use .jsonl, .json, .csv or .txt")
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) <= 2 and all(parts) and not Path(source).suffix and not source.startswith((".", "~"))
-
-
-def _iter_hub(source: str, split: str, data_config: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(source, data_config, split=split)
-    except Exception as e:  # datasets raises many types here (offline, not found, bad split); all mean "cannot load"
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(
-            f"prompts `{source}` is not a local file, and loading it as a hub dataset (split {split}) failed: {reason}"
-        ) from e
-    for number, row in enumerate(dataset, start=1):
-        yield f"{source}[{split}]:{number}", dict(row)
-
-
-def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompts file {path}: undecodable bytes (not UTF-8) at byte {e.start}") from None
-    except csv.Error as e:
-        raise UserError(f"prompts file {path}: not valid CSV ({e})") from None
+        return
+    for origin, row in iter_rows(source, split=split, data_config=data_config):
+        if isinstance(row, BadRow):
+            raise UserError(f'{origin}: {row.reason}; each row must be an object such as {{"prompt": "..."}}')
+        yield origin, row
 
 
 def _iter_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
