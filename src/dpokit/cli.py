@@ -233,11 +233,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "generate",
         "dpokit.generate:run",
         "sample answers to prompts and pair the best with the worst",
-        "Sample several answers per prompt, score them with a judge and write best-vs-worst pairs, ready for "
-        "`dpokit train`. Identical answers are judged once; ties and pairs under --min-margin are left out and "
-        "counted. Prompts that gave no pair are listed with the reason in <output stem>.skipped.jsonl. Rows are "
-        "appended and synced batch by batch; rerunning the same command continues where it stopped. Under "
-        "`accelerate launch` the prompts are shared out and the outputs merged in order.\n\n"
+        "Sample several answers per prompt, score them with a judge and write best-vs-worst pairs, ready for\n"
+        "`dpokit train`. Identical answers are judged once; ties and pairs under --min-margin are left out and\n"
+        "counted. Prompts that gave no pair are listed with the reason in <output stem>.skipped.jsonl.\n"
+        "Rows are appended and synced batch by batch; rerunning the same command continues where it stopped.\n"
+        "Under `accelerate launch` the prompts are shared out and the outputs merged in order.\n\n"
         "judges:\n"
         "  python:module:function      your function(prompt, response) -> float (also python:path/file.py:fn)\n"
         "  reward-model:ID             a sequence-classification reward model\n"
@@ -245,12 +245,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "  openai:MODEL@BASE_URL       any OpenAI-compatible endpoint; key from $OPENAI_API_KEY\n\n"
         "examples:\n"
         "  dpokit generate --prompts prompts.txt --judge python:my_rules.py:reward --output pairs.jsonl\n"
-        "  dpokit generate --prompts question.jsonl --num-samples 8 --judge openai:qwen2.5-7b@http://127.0.0.1:8000/v1 "
-        "--output pairs.jsonl",
+        "  dpokit generate --prompts question.jsonl --num-samples 8 --output pairs.jsonl \\\n"
+        "      --judge openai:qwen2.5-7b@http://127.0.0.1:8000/v1",
     )
     p.add_argument("--model", default=None, help="model to sample from (default: the adapter's base, else builtin)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder on top of --model")
-    p.add_argument("--prompts", required=True, help="JSONL/JSON/CSV/text file (one prompt per line) or hub dataset id")
+    p.add_argument(
+        "--prompts", required=True, help="text file (one prompt per line), JSONL/JSON/CSV/Parquet, folder or hub id"
+    )
     p.add_argument(
         "--prompt-column",
         default=None,
