@@ -233,21 +233,71 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "generate",
         "dpokit.generate:run",
         "sample answers to prompts and pair the best with the worst",
-        "Sample several answers per prompt, score them with a judge and write best-vs-worst pairs, ready for "
-        "`dpokit train`. Rows are appended as they are made; rerunning the same command continues where it "
-        "stopped.\n\n"
+        "Sample several answers per prompt, score them with a judge and write best-vs-worst pairs, ready for\n"
+        "`dpokit train`. Identical answers are judged once; ties and pairs under --min-margin are left out and\n"
+        "counted. Prompts that gave no pair are listed with the reason in <output stem>.skipped.jsonl.\n"
+        "Rows are appended and synced batch by batch; rerunning the same command continues where it stopped.\n"
+        "Under `accelerate launch` the prompts are shared out and the outputs merged in order.\n\n"
         "judges:\n"
         "  python:module:function      your function(prompt, response) -> float (also python:path/file.py:fn)\n"
         "  reward-model:ID             a sequence-classification reward model\n"
         "  llm:MODEL                   a local causal LM asked for a 1-10 score\n"
-        "  openai:MODEL@BASE_URL       any OpenAI-compatible endpoint; key from $OPENAI_API_KEY",
+        "  openai:MODEL@BASE_URL       any OpenAI-compatible endpoint; key from $OPENAI_API_KEY\n\n"
+        "examples:\n"
+        "  dpokit generate --prompts prompts.txt --judge python:my_rules.py:reward --output pairs.jsonl\n"
+        "  dpokit generate --prompts question.jsonl --num-samples 8 --output pairs.jsonl \\\n"
+        "      --judge openai:qwen2.5-7b@http://127.0.0.1:8000/v1",
     )
-    p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model to sample from")
+    p.add_argument("--model", default=None, help="model to sample from (default: the adapter's base, else builtin)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder on top of --model")
-    p.add_argument("--prompts", required=True, help="JSONL/JSON/CSV/text file (one prompt per line) or hub dataset id")
+    p.add_argument(
+        "--prompts", required=True, help="text file (one prompt per line), JSONL/JSON/CSV/Parquet, folder or hub id"
+    )
+    p.add_argument(
+        "--prompt-column",
+        default=None,
+        help="column holding the prompt (default: prompt, question, instruction, messages or turns)",
+    )
+    p.add_argument("--split", default="train", help="split of a hub dataset (default train)")
+    p.add_argument("--data-config", default=None, help="config name of a hub dataset")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--num-samples", type=int, default=4, help="answers per prompt (default 4)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers generated per forward batch (default 16)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
     p.add_argument("--judge", required=True, help="judge spec (see above)")
+    p.add_argument(
+        "--pairing",
+        choices=("best-worst", "best-random"),
+        default="best-worst",
+        help="rejected answer: the worst, or a random lower-scored one (default best-worst)",
+    )
+    p.add_argument("--min-margin", type=float, default=0.0, help="least score gap for a pair (default 0: no ties)")
+    _add_judge_options(p)
     p.add_argument("--output", required=True, metavar="PAIRS.jsonl", help="pairs file (appended, resumable)")
+
+
+def _add_judge_options(p: argparse.ArgumentParser) -> None:
+    """The --judge-* flags, read by `dpokit.judges.judge_options_from_args`."""
+    g = p.add_argument_group("judge options")
+    g.add_argument("--judge-concurrency", type=int, default=None, help="openai: requests in flight (default 8)")
+    g.add_argument("--judge-timeout", type=float, default=None, help="openai: seconds per request (default 60)")
+    g.add_argument(
+        "--judge-retries", type=int, default=None, help="openai: retries with exponential backoff (default 3)"
+    )
+    g.add_argument(
+        "--judge-api-key-env",
+        default=None,
+        metavar="VAR",
+        help="openai: environment variable with the API key (default OPENAI_API_KEY)",
+    )
+    g.add_argument("--judge-max-tokens", type=int, default=None, help="llm, openai: longest reply (default 64)")
+    g.add_argument(
+        "--judge-batch-size", type=int, default=None, help="reward-model, llm: sequences per batch (default 8)"
+    )
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

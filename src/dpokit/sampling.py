@@ -40,15 +40,20 @@ def generate_responses(
     conversations: Sequence[list[Message]],
     settings: SamplingSettings,
     on_batch: Callable[[int], None] | None = None,
+    answer_prefix: str = "",
 ) -> list[list[str]]:
     """`settings.num_samples` answers to each conversation, in order; `on_batch(n)` reports n answers done.
 
     Each generate() call is seeded from `settings.seed` and the index of its first prompt, so the same prompts
-    with the same settings give the same answers.
+    with the same settings give the same answers. `answer_prefix` is written as the start of every answer (the
+    model continues it; the returned answers leave it out), which is how an LLM judge is held to its reply format.
     """
     model.eval()
     device = next(model.parameters()).device
-    rendered = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    rendered = [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + answer_prefix
+        for c in conversations
+    ]
     greedy = settings.temperature <= 0
     # one row per (prompt, sample); all samples of a prompt go in one generate() call with the prompt's own seed
     per_call = max(1, settings.batch_size // max(1, settings.num_samples))
