@@ -106,3 +106,20 @@ def test_bf16_autocast_stays_close(setup) -> None:
             bf16 = SequenceLogps(model)(batch)
     assert bf16.chosen.dtype == torch.float32
     assert torch.allclose(bf16.chosen, fp32.chosen, rtol=1e-2)
+
+
+def test_frozen_weights_stored_in_bf16_give_exactly_what_autocast_gives(setup) -> None:
+    """Casting frozen LoRA-base linears (and the frozen head) once equals autocast casting them every time."""
+    from dpokit.models import cast_frozen_linears
+
+    tokenizer, pairs = setup
+    batch = collate(pairs, tokenizer.pad_token_id, padding_free=True, prefix_sharing=True)
+    outs = []
+    for cast in (False, True):
+        model = add_lora(build_model(len(tokenizer)), 4, 8, 0.0, ["all-linear"], seed=0)
+        if cast:
+            assert cast_frozen_linears(model, torch.bfloat16) == 2 * 7  # q k v o gate up down, in 2 layers
+            assert model.get_output_embeddings().weight.dtype == torch.float32  # tied to the embeddings
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(SequenceLogps(model)(batch))
+    assert torch.equal(outs[0].chosen, outs[1].chosen) and torch.equal(outs[0].rejected, outs[1].rejected)

@@ -59,8 +59,24 @@ def sequence_logps_reference(model: Any, batch: Batch) -> SeqLogps:
     return split_sequences(per_sequence, batch.lengths.to(logits.device), batch.num_pairs)
 
 
-def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return selective_log_softmax(lm_head(hidden), targets)  # (n, V) logits live only inside this call
+def _chunk_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return selective_log_softmax(head(hidden), targets)  # (n, V) logits live only inside this call
+
+
+class _FrozenHead:
+    """A frozen output head under autocast, with its weight cast once instead of on every chunk.
+
+    Autocast caches its casts only for weights that require grad; a frozen head (LoRA) would be cast anew for
+    every chunk and again in every backward recompute. The values are the ones autocast would produce.
+    """
+
+    def __init__(self, head: torch.nn.Linear, dtype: torch.dtype) -> None:
+        self.weight = head.weight.detach().to(dtype)
+        self.bias = None if head.bias is None else head.bias.detach().to(dtype)
+        self.dtype = dtype
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.to(self.dtype), self.weight, self.bias)
 
 
 class SequenceLogps(torch.nn.Module):
@@ -73,14 +89,23 @@ class SequenceLogps(torch.nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self._frozen_head: _FrozenHead | None = None
 
     def _causal_lm(self) -> Any:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
+    def _head(self, lm_head: torch.nn.Linear, device: torch.device) -> Any:
+        if lm_head.weight.requires_grad or not torch.is_autocast_enabled(device.type):
+            return lm_head
+        dtype = torch.get_autocast_dtype(device.type)
+        if self._frozen_head is None or self._frozen_head.dtype != dtype:
+            self._frozen_head = _FrozenHead(lm_head, dtype)
+        return self._frozen_head
+
     def forward(self, batch: Batch) -> SeqLogps:
         causal_lm = self._causal_lm()
         backbone = causal_lm.get_decoder()
-        lm_head = causal_lm.get_output_embeddings()
+        lm_head = self._head(causal_lm.get_output_embeddings(), batch.input_ids.device)
         hidden = backbone(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,

@@ -244,6 +244,23 @@ def add_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: lis
             raise UserError(f"config key `lora_target_modules`: {str(e).splitlines()[0][:200]}") from e
 
 
+def cast_frozen_linears(model: Any, dtype: torch.dtype) -> int:
+    """Store frozen linear weights in `dtype`; returns how many modules changed.
+
+    Under autocast every matmul casts its fp32 weight to bf16 anyway, and autocast caches that cast only for
+    weights that require grad, so a frozen LoRA base would be re-cast on every forward and backward. Storing the
+    same bf16 values once gives identical results with half the memory and none of the copies. The output head
+    stays as it is: it is often tied to the input embeddings, which keep their precision.
+    """
+    head = model.get_output_embeddings()
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and not module.weight.requires_grad:
+            module.to(dtype)
+            changed += 1
+    return changed
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -39,7 +39,15 @@ from dpokit.distributed import needs_cpu_backend
 from dpokit.errors import RunStopped, UserError
 from dpokit.logprobs import SeqLogps, SequenceLogps
 from dpokit.losses import preference_loss, rpo_nll
-from dpokit.models import add_lora, bf16_is_fast, count_parameters, disable_dropout, load_model, load_tokenizer
+from dpokit.models import (
+    add_lora,
+    bf16_is_fast,
+    cast_frozen_linears,
+    count_parameters,
+    disable_dropout,
+    load_model,
+    load_tokenizer,
+)
 from dpokit.reference import Reference, build_reference, live_reference
 
 METRICS = (
@@ -325,7 +333,8 @@ def make_batch(
 
 
 def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
-    """The model to train: LoRA on a frozen base, or every weight; dropout off as TRL does by default."""
+    """The model to train: LoRA on a frozen base (stored in bf16 under bf16 autocast), or every weight; dropout
+    off as TRL does by default."""
     model = load_model(
         cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
     )
@@ -334,6 +343,8 @@ def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_peft:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed)
+        if precision(cfg) == "bf16":
+            cast_frozen_linears(model, torch.bfloat16)
     if cfg.disable_dropout:
         disable_dropout(model)
     return model.to(device).train()
