@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dpokit.cli import main
-from dpokit.evaluate import MERGE_RELATIVE_TOLERANCE, PROBE_CONVERSATION, load_for_inference
+from dpokit.inference import load_for_inference
+from dpokit.merge import MERGE_RELATIVE_TOLERANCE, PROBE_CONVERSATION
 from evaluate_helpers import make_adapter, tiny_base
 
 
