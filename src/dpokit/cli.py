@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from dpokit.errors import EXIT_USER_ERROR, RunStopped, UserError
 
@@ -29,6 +30,22 @@ The workflow, one command per step:
   dpokit merge / report                  ship the merged model; read the run as an HTML report
   dpokit demo                            all of it, offline on a CPU, with the built-in model
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own input errors (an unknown flag, a missing argument, a value of the wrong type) as one line with
+    exit code 2, like every other input error, in place of argparse's usage block followed by the error.
+
+    Abbreviated flags are not accepted: a misspelt `--num-sample` is an error, not `--num-samples` by guess.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix(PROG).strip()
+        _say(f"{PROG}: error: {command + ': ' if command else ''}{message}; see `{self.prog} --help`")
+        raise SystemExit(EXIT_USER_ERROR)
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -161,6 +178,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prepare.add_argument("data", help="file, folder or hub dataset id")
     prepare.add_argument(
         "--output", required=True, metavar="OUT.jsonl", help="training triplets; the test split goes to OUT.test.jsonl"
+    )
+    prepare.add_argument(
+        "--overwrite", action="store_true", help="replace OUT.jsonl and OUT.test.jsonl if they exist already"
     )
     prepare.add_argument("--model", default=None, help="tokenizer for length filtering (default: the built-in model)")
     _add_data_options(prepare)
@@ -477,7 +497,7 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     from dpokit import __version__
 
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=_formatter)
+    parser = _Parser(prog=PROG, description=DESCRIPTION, formatter_class=_formatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

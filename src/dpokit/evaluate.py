@@ -46,6 +46,7 @@ from dpokit.inference import (
     Question,
     adapter_base_model,
     answer_questions,
+    check_loadable,
     load_for_inference,
     load_questions,
     run_folder_of,
@@ -558,6 +559,8 @@ def run_compare(args: argparse.Namespace) -> int:
     judge = load_judge(args.judge, **judge_options_from_args(args))
     try:
         judge.check()  # an endpoint that cannot be reached fails now, not after every answer was generated
+        for side in (side_1, side_2):
+            check_loadable(side.model, side.adapter)  # model B's mistake is found before model A answers
         summary = compare_models(side_1, side_2, questions, judge, settings, output, bf16=args.bf16, seed=args.seed)
     finally:
         judge.close()

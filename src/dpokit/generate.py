@@ -612,6 +612,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     judge = load_judge(args.judge, **judge_options)
     try:
+        judge.check()  # an endpoint that cannot be reached fails now, before the model loads
         tokenizer = load_tokenizer(model_name)
         model = load_model(model_name)
         if args.adapter:

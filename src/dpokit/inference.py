@@ -72,12 +72,7 @@ def load_for_inference(model_name: str | None, adapter: str | None) -> tuple[Any
 
     from dpokit.models import load_adapter, load_model, load_tokenizer
 
-    if adapter is not None and not Path(adapter).is_dir():
-        raise UserError(f"adapter folder {adapter} does not exist")
-    if model_name is None:
-        if adapter is None:
-            raise UserError("give --model, or an --adapter whose base model is then used")
-        model_name = adapter_base_model(adapter)
+    model_name = _model_of(model_name, adapter)
     has_own_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
     if has_own_tokenizer:
         tokenizer = load_tokenizer(str(adapter))
@@ -89,6 +84,29 @@ def load_for_inference(model_name: str | None, adapter: str | None) -> tuple[Any
     model.to(PartialState().device)
     model.eval()
     return model, tokenizer
+
+
+def check_loadable(model_name: str | None, adapter: str | None) -> None:
+    """What `load_for_inference` would find wrong with the model and the adapter, found in a second without
+    reading weights; for commands that load one model after another's work, such as `compare`."""
+    from dpokit.models import check_adapter_fits, load_empty_model
+
+    model_name = _model_of(model_name, adapter)
+    if adapter is None:
+        load_empty_model(model_name)
+    else:
+        check_adapter_fits(model_name, adapter)
+
+
+def _model_of(model_name: str | None, adapter: str | None) -> str:
+    """The model to load: the one named, else the adapter's own base."""
+    if adapter is not None and not Path(adapter).is_dir():
+        raise UserError(f"adapter folder {adapter} does not exist")
+    if model_name is not None:
+        return model_name
+    if adapter is None:
+        raise UserError("give --model, or an --adapter whose base model is then used")
+    return adapter_base_model(adapter)
 
 
 def _run_chat_template(adapter: str | None) -> str | None:

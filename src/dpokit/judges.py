@@ -621,7 +621,7 @@ class OpenAIJudge(LLMJudge):
         """(reason, one-line detail) of a failed request; the detail never holds the key."""
         import openai
 
-        tries = f"tried {self.options.retries + 1} times"
+        tries = f"tried {self.options.retries + 1} time{'s' if self.options.retries else ''}"
         if isinstance(error, openai.APITimeoutError):
             return "timeout", f"no reply from {self.base_url} within {self.options.timeout:g} s ({tries})"
         if isinstance(error, openai.APIConnectionError):

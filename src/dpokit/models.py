@@ -197,8 +197,37 @@ def load_model(
     return model
 
 
+def load_empty_model(name: str, *, trust_remote_code: bool = False) -> Any:
+    """The model's architecture on the meta device, built from its config without reading any weights: enough to
+    learn in a second that a model cannot be found, or that an adapter does not fit it, before loading anything."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_libraries()
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model `{name}` ships its own code; set trust_remote_code=true if you trust it") from e
+        raise UserError(_hub_hint(name)) from e
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_adapter_fits(name: str, adapter_dir: str | os.PathLike) -> None:
+    """`load_adapter`'s checks on an empty copy of model `name`: a one-line UserError when the adapter does not fit."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch says that copying weights into meta tensors does nothing; here only the shapes matter
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+        load_adapter(load_empty_model(name), adapter_dir)
+
+
 def base_model_of_adapter(adapter_dir: str | os.PathLike) -> str:
     """The base model an adapter folder was trained on, as written in its adapter_config.json."""
+    if not Path(adapter_dir).is_dir():
+        raise UserError(f"adapter folder {adapter_dir} does not exist")
     config_path = Path(adapter_dir) / "adapter_config.json"
     if not config_path.is_file():
         raise UserError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
