@@ -28,16 +28,16 @@ PREFIX = "dpokit: error:"
 NO_MODEL = "no-such-org/no-such-model-1234"
 
 
-def save_wide(path: Path) -> Path:
-    """A tiny Llama with another hidden size than `save_tiny`'s: an adapter for one does not fit the other."""
+def save_other(path: Path, hidden_size: int = 32, layers: int = 2) -> Path:
+    """A tiny Llama unlike `save_tiny`'s in width or depth: an adapter for one does not fit the other."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=48,
+        hidden_size=hidden_size,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=True,
@@ -76,7 +76,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "other-prepared": ("other-prepared.jsonl", '{"mine": "not prepared by dpokit"}\n'),
         "other-pairs": ("other-pairs.jsonl", json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}) + "\n"),
     }
-    paths = {"root": str(root), "tiny": str(tiny), "wide": str(save_wide(root / "wide")), "run": str(run)}
+    paths = {
+        "root": str(root),
+        "tiny": str(tiny),
+        "wide": str(save_other(root / "wide", hidden_size=48)),
+        "run": str(run),
+    }
     for name, (relative, text) in files.items():
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,3 +296,38 @@ def test_debug_shows_the_traceback(world: dict[str, str], row_id: str, capsys: p
     assert result.returncode not in (0, 2)
     assert "Traceback (most recent call last)" in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"dpokit.errors.UserError: {message}"
+
+
+# --- what the error lines say -------------------------------------------------------------------------------------
+
+
+def test_adapter_misfit_names_the_first_tensor_that_does_not_fit(world: dict[str, str], tmp_path: Path) -> None:
+    from dpokit.errors import UserError
+    from dpokit.models import check_adapter_fits, load_adapter, load_model
+
+    wide_weights = (
+        r"tensor model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight is \[4, 32\] in the adapter but \[4, 48\]"
+    )
+    with pytest.raises(UserError, match=wide_weights):
+        load_adapter(load_model(world["wide"]), world["adapter"])
+    with pytest.raises(UserError, match=wide_weights):
+        check_adapter_fits(world["wide"], world["adapter"])  # the same, on an empty copy, without reading weights
+    # PEFT itself loads an adapter whose layers the model lacks without a word
+    shallow = str(save_other(tmp_path / "shallow", layers=1))
+    with pytest.raises(
+        UserError, match=r"its tensor model\.layers\.1\.\S+\.lora_[AB]\.weight has no place in the model"
+    ):
+        load_adapter(load_model(shallow), world["adapter"])
+    check_adapter_fits(world["tiny"], world["adapter"])  # its own base fits
+
+
+def test_only_the_main_process_prints_the_error(
+    world: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = command_line("report {missing-folder}", world)
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(PREFIX)
