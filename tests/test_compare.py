@@ -14,15 +14,13 @@ from dpokit.errors import UserError
 from dpokit.evaluate import (
     Contestant,
     Game,
-    Question,
     compare_models,
     judge_both_orders,
     judged_exchange,
-    load_for_inference,
-    read_questions,
     summarize_by_category,
     summarize_games,
 )
+from dpokit.inference import Question, load_for_inference, load_questions
 from dpokit.sampling import SamplingSettings, generate_responses
 from dpokit.stats import bootstrap_mean_interval
 from evaluate_helpers import make_run, tiny_base
@@ -173,40 +171,43 @@ def test_reads_mt_bench_prompt_rows_and_text(tmp_path: Path) -> None:
         {"question_id": 82, "category": "math", "turns": ["2+2?"], "reference": ["4"]},
     ]
     mt_bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert read_questions(str(mt_bench)) == [
+    assert load_questions(str(mt_bench)) == [
         Question(81, ("Write a poem.", "Now shorter."), "writing"),
         Question(82, ("2+2?",), "math"),
     ]
     prompts = tmp_path / "prompts.jsonl"
     conversation = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
-    prompts.write_text(json.dumps({"prompt": "Hello?"}) + "\n\n" + json.dumps({"prompt": conversation}) + "\n")
-    assert read_questions(str(prompts)) == [
-        Question(1, ("Hello?",)),
-        Question(3, ("Hi",), None, ({"role": "system", "content": "Be kind."},)),
-    ]
+    prompts.write_text(
+        json.dumps({"prompt": "Hello?", "id": "h"}) + "\n\n" + json.dumps({"prompt": conversation}) + "\n"
+    )
+    hello, hi = load_questions(str(prompts))
+    assert hello == Question("h", ("Hello?",))
+    # without an id, the prompt's content key is its question_id: the same prompt gets the same id in every run
+    assert hi.question_id.startswith("sha256:") and hi == Question(hi.question_id, ("Hi",), None, (conversation[0],))
     text = tmp_path / "prompts.txt"
-    text.write_text("one\n\ntwo\n")
-    assert [q.turns for q in read_questions(str(text))] == [("one",), ("two",)]
+    text.write_text("one\n\ntwo\none\n")
+    assert [q.turns for q in load_questions(str(text))] == [("one",), ("two",)]  # a repeated prompt is asked once
+    assert [q.turns for q in load_questions(str(text), limit=1)] == [("one",)]
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("", "holds no prompt text"),
-        ('{"prompt": "   "}\n', "needs non-empty `turns`"),
-        ('{"turns": []}\n', "`turns` must be a non-empty list"),
-        ('{"question": "hi"}\n', "needs non-empty `turns`"),
-        ('{"prompt": [{"role": "assistant", "content": "hi"}]}\n', "must end with a non-empty user message"),
-        ('{"prompt": "a", "question_id": 1}\n{"prompt": "b", "question_id": 1}\n', "appears more than once"),
+        ("", "is empty"),
+        ('{"prompt": "   "}\n', "column 'prompt' is empty"),
+        ('{"turns": []}\n', "got an empty list"),
+        ('{"text": "hi"}\n', "no prompt column"),
+        ('{"prompt": [{"role": "assistant", "content": "hi"}]}\n', "has no user message"),
+        ('{"prompt": "a", "question_id": 1}\n{"prompt": "b", "question_id": 1}\n', "ids must be unique"),
         ("{broken\n", "invalid JSON"),
-        ("[1]\n", "expected a JSON object"),
+        ("[1]\n", "must be an object"),
     ],
 )
 def test_bad_prompt_files(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "prompts.jsonl"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        read_questions(str(path))
+        load_questions(str(path))
 
 
 def test_cli_bad_inputs_exit_2_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -214,7 +215,7 @@ def test_cli_bad_inputs_exit_2_before_any_model_loads(tmp_path: Path, capsys: py
     empty.write_text('{"prompt": ""}\n')
     base = ["compare", "--model-b", "m", "--judge", "python:x:y"]
     assert main([*base, "--prompts", str(empty), "--output", str(tmp_path / "o")]) == 2
-    assert "needs non-empty `turns`" in capsys.readouterr().err
+    assert "column 'prompt' is empty" in capsys.readouterr().err
     assert main([*base, "--prompts", str(tmp_path / "nothing.jsonl"), "--output", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     good = tmp_path / "good.txt"
@@ -367,13 +368,13 @@ TWO_PROCESS_SCRIPT = """
 import sys
 from pathlib import Path
 
-from dpokit.evaluate import Contestant, compare_models, read_questions
-from dpokit.sampling import SamplingSettings
+from dpokit.evaluate import Contestant, compare_models
+from dpokit.inference import load_questions
 from test_compare import SETTINGS, LengthJudge
 
 base, adapter, prompts, output = sys.argv[1:5]
 sides = Contestant(base, None, "base"), Contestant(None, adapter, "aligned")
-compare_models(*sides, read_questions(prompts), LengthJudge(), SETTINGS, Path(output), bf16=False)
+compare_models(*sides, load_questions(prompts), LengthJudge(), SETTINGS, Path(output), bf16=False)
 """
 
 

@@ -196,9 +196,14 @@ def test_prepare_normalizes_deduplicates_and_splits_by_prompt(tmp_path, capsys):
     }
     prompts = lambda pairs: {p["prompt"][0]["content"] for p in pairs}  # noqa: E731
     assert not prompts(train) & prompts(test)
-    # the same seed gives the same split
-    assert main(argv) == 0
+    # the files are there now: replaced only on request, and the same seed gives the same split
+    assert main(argv) == 2
+    assert f"{out} and {out.with_name('pairs.test.jsonl')} exist already" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
     assert read_jsonl(out.with_name("pairs.test.jsonl")) == test
+    # without a test split, the earlier one is removed rather than left beside the new training file
+    assert main([*argv, "--overwrite", "--test-size", "0"]) == 0
+    assert len(read_jsonl(out)) == 11 and not out.with_name("pairs.test.jsonl").exists()
 
 
 @pytest.mark.parametrize(

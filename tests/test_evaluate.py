@@ -13,7 +13,7 @@ from dpokit.cli import main
 from dpokit.data.collate import collate
 from dpokit.data.encode import encode_pairs
 from dpokit.data.load import load_pairs
-from dpokit.evaluate import load_for_inference
+from dpokit.inference import load_for_inference
 from dpokit.logprobs import sequence_logps_reference
 from dpokit.sampling import SamplingSettings, generate_responses
 from evaluate_helpers import PAIRS, make_run, tiny_base, write_pairs
@@ -147,3 +147,15 @@ def test_vibe_saves_base_and_aligned_answers_in_the_run_folder(
     aligned = [a[0] for a in generate_responses(aligned_model, tokenizer, conversations, settings)]
     assert [r["aligned"] for r in rows] == aligned
     assert [r["base"] for r in rows] != aligned
+
+
+def test_autocast_follows_the_flag_else_the_hardware() -> None:
+    from dpokit.models import autocast_for, bf16_is_fast
+
+    cpu = torch.device("cpu")
+    with autocast_for(cpu, True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast_for(cpu, False):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_for(cpu, None):
+        assert torch.is_autocast_enabled("cpu") == bf16_is_fast(cpu)

@@ -348,7 +348,7 @@ def test_openai_judge_first_request_failures_are_one_line_errors(
     port = free_port()
     with pytest.raises(UserError, match=rf"first request failed: cannot connect to http://127.0.0.1:{port}/v1"):
         load_judge(f"openai:m@http://127.0.0.1:{port}/v1", retries=0).score(PROMPT, ["x"])
-    with pytest.raises(UserError, match=r"first request failed: no reply from .* within 0.3 s \(tried 1 times\)"):
+    with pytest.raises(UserError, match=r"first request failed: no reply from .* within 0.3 s \(tried 1 time\)"):
         load_judge(f"openai:m@{server.url}", timeout=0.3, retries=0).score(PROMPT, ["SLOW"])
     with pytest.raises(UserError, match=r"first request failed: not a chat completion"):
         load_judge(f"openai:m@{server.url}", retries=0).score(PROMPT, ["GARBAGE"])

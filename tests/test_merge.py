@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dpokit.cli import main
-from dpokit.evaluate import MERGE_RELATIVE_TOLERANCE, PROBE_CONVERSATION, load_for_inference
+from dpokit.inference import load_for_inference
+from dpokit.merge import MERGE_RELATIVE_TOLERANCE, PROBE_CONVERSATION
 from evaluate_helpers import make_adapter, tiny_base
 
 
@@ -55,7 +56,7 @@ def test_merge_tiny_adapter(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert main(["merge", "--adapter", str(adapter), "--output", str(merged / "config.json" / "x")]) == 2
     assert "cannot be written" in capsys.readouterr().err
     assert main(["merge", "--adapter", str(tmp_path / "nowhere"), "--output", str(tmp_path / "m2")]) == 2
-    assert "not a LoRA adapter folder" in capsys.readouterr().err
+    assert f"adapter folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
 def test_merge_prefers_the_base_named_in_dpokit_json(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from dpokit.errors import EXIT_USER_ERROR, RunStopped, UserError
 
@@ -29,6 +30,22 @@ The workflow, one command per step:
   dpokit merge / report                  ship the merged model; read the run as an HTML report
   dpokit demo                            all of it, offline on a CPU, with the built-in model
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own input errors (an unknown flag, a missing argument, a value of the wrong type) as one line with
+    exit code 2, like every other input error, in place of argparse's usage block followed by the error.
+
+    Abbreviated flags are not accepted: a misspelt `--num-sample` is an error, not `--num-samples` by guess.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix(PROG).strip()
+        _say(f"{PROG}: error: {command + ': ' if command else ''}{message}; see `{self.prog} --help`")
+        raise SystemExit(EXIT_USER_ERROR)
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -161,6 +178,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prepare.add_argument("data", help="file, folder or hub dataset id")
     prepare.add_argument(
         "--output", required=True, metavar="OUT.jsonl", help="training triplets; the test split goes to OUT.test.jsonl"
+    )
+    prepare.add_argument(
+        "--overwrite", action="store_true", help="replace OUT.jsonl and OUT.test.jsonl if they exist already"
     )
     prepare.add_argument("--model", default=None, help="tokenizer for length filtering (default: the built-in model)")
     _add_data_options(prepare)
@@ -352,11 +372,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "order swapped. B wins only when both orders say so (likewise A); any other pair of verdicts is a tie "
         "(MT-Bench's rule). A judge that gives no verdict in either order is a failure, counted apart and left "
         "out of every rate, as MT-Bench drops its 'error' judgments.\n\n"
-        "Reads MT-Bench's question.jsonl (second turns are asked in the same conversation), JSONL rows with a "
-        "`prompt`, or a text file with one prompt per line. Writes an MT-Bench bench folder: question.jsonl, "
-        "model_answer/<model_id>.jsonl, model_judgment/dpokit_pair.jsonl, and summary.json with wins, ties, "
-        "losses (B's), win_rate = wins / total, win_rate_adjusted = (wins + ties/2) / total with a bootstrap "
-        "95% interval (ci_low, ci_high; questions resampled), per category, and mean answer lengths.\n\n"
+        "Reads MT-Bench's question.jsonl (second turns are asked in the same conversation), JSONL, CSV or Parquet "
+        "rows with a `prompt`, or a text file with one prompt per line. Writes an MT-Bench bench folder: "
+        "question.jsonl, model_answer/<model_id>.jsonl, model_judgment/dpokit_pair.jsonl, and summary.json with "
+        "wins, ties, losses (B's), win_rate = wins / total, win_rate_adjusted = (wins + ties/2) / total with a "
+        "bootstrap 95% interval (ci_low, ci_high; questions resampled), per category, and mean answer lengths.\n\n"
         "example:\n"
         "  dpokit compare --adapter-b runs/dpo/adapter --prompts question.jsonl --judge openai:gpt-4o@https://...\n"
         "  (model A defaults to model B's base without the adapter; output to runs/dpo/compare)",
@@ -367,7 +387,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter-b", default=None, help="LoRA adapter on model B (usually the aligned one)")
     p.add_argument("--name-a", default=None, help="model_id of A in the outputs (default from its name)")
     p.add_argument("--name-b", default=None, help="model_id of B in the outputs (default from its name)")
-    p.add_argument("--prompts", required=True, help="MT-Bench question.jsonl, JSONL `prompt` rows, or a .txt file")
+    p.add_argument(
+        "--prompts", required=True, help="MT-Bench question.jsonl, JSONL/CSV/Parquet `prompt` rows, or a .txt file"
+    )
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--judge", required=True, help="judge spec, as for generate")
     p.add_argument(
@@ -375,13 +397,14 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --output")
     _add_answering_options(p, temperature=0.0, max_new_tokens=512)
+    _add_judge_options(p)
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
     p = _command(
         sub,
         "chat",
-        "dpokit.evaluate:run_chat",
+        "dpokit.chat:run_chat",
         "chat with a model in the terminal",
         "Interactive chat with the model's chat template. /reset clears the conversation, /exit (or end of "
         "input) leaves. Lines are read from stdin, so a conversation can be piped in.",
@@ -396,7 +419,7 @@ def _add_vibe(sub: argparse._SubParsersAction) -> None:
     p = _command(
         sub,
         "vibe",
-        "dpokit.evaluate:run_vibe",
+        "dpokit.chat:run_vibe",
         "base and aligned answers side by side",
         "Answer a few prompts with the base model (adapter off) and with the adapter, print them side by side "
         "and save them as JSONL (default: RUN_DIR/vibe.jsonl of the adapter's run, read by `dpokit report`).",
@@ -413,7 +436,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = _command(
         sub,
         "merge",
-        "dpokit.evaluate:run_merge",
+        "dpokit.merge:run_merge",
         "merge a LoRA adapter into its base model",
         "Merge a LoRA adapter into its base (adapter_dir/dpokit.json's base_model, else adapter_config.json's "
         "base_model_name_or_path) and save safetensors plus tokenizer, loadable with plain "
@@ -474,7 +497,7 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     from dpokit import __version__
 
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=_formatter)
+    parser = _Parser(prog=PROG, description=DESCRIPTION, formatter_class=_formatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -503,18 +526,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        _say(f"{PROG}: error: {e}")
         return EXIT_USER_ERROR
     except RunStopped as e:
         if debug:
             raise
-        print(f"{PROG}: {e}", file=sys.stderr)
+        _say(f"{PROG}: {e}")
         return e.exit_code
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        _say(f"{PROG}: interrupted")
         return 130
+
+
+def _say(line: str) -> None:
+    """The one line a failed run ends with, on stderr, once: every process of a launch fails alike and exits with
+    the same code, but only the main process prints."""
+    from dpokit.distributed import launch_rank
+
+    if launch_rank() == 0:
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ import os
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-import torch
-
 T = TypeVar("T")
 
 
@@ -35,9 +33,25 @@ def needs_cpu_backend() -> bool:
     """
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return True
+    import torch  # here, so that `launch_rank` answers without loading torch
+
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 knows CUDA, XPU, MPS, ... in one place
     has_device = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device
+
+
+# where launchers write the global rank: torchrun and `accelerate launch` (RANK), Open MPI, MPICH / Intel MPI
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (0 when started alone), read from the environment only,
+    so it can be asked on the way out of a failed run without starting a process group."""
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def process_state() -> Any:

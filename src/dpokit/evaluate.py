@@ -1,4 +1,5 @@
-"""Did alignment work? Implicit-reward accuracy, judged pairwise comparison, chat, vibe check, merging.
+"""Did alignment work? Implicit-reward accuracy on held-out pairs (`eval`) and a judged pairwise comparison
+(`compare`).
 
 - `eval`: on held-out pairs, the implicit DPO reward beta * (log pi(y|x) - log pi_ref(y|x)) (summed over response
   tokens, as in training and RewardBench's DPO mode) of the chosen and the rejected response. A pair counts as
@@ -9,19 +10,16 @@
   B wins only when both orders say so, likewise A; any other pair of verdicts is a tie (MT-Bench's rule). A judge
   that gives no verdict in one order or both makes a *failure*: counted apart and left out of wins, ties, losses and
   every rate, as MT-Bench's `show_result.py` drops "error" judgments, so a flaky judge cannot pose as a tie.
-- `chat`, `vibe`: talk to a model; base and aligned answers side by side.
-- `merge`: LoRA folded into its base, saved as a plain transformers model, checked against the unmerged model.
 
 Files, so that `dpokit report RUN_DIR` finds them (RUN_DIR is a `dpokit train` output folder, its adapter in
-RUN_DIR/adapter): `eval` writes RUN_DIR/eval.json, `vibe` RUN_DIR/vibe.jsonl and `compare` the folder
-RUN_DIR/compare/ by default when the (B) adapter sits in a run folder. A compare folder is laid out as an MT-Bench
-bench folder: question.jsonl, model_answer/<model_id>.jsonl, model_judgment/dpokit_pair.jsonl, plus summary.json.
+RUN_DIR/adapter): `eval` writes RUN_DIR/eval.json and `compare` the folder RUN_DIR/compare/ by default when the (B)
+adapter sits in a run folder. A compare folder is laid out as an MT-Bench bench folder: question.jsonl,
+model_answer/<model_id>.jsonl, model_judgment/dpokit_pair.jsonl, plus summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import hashlib
 import json
@@ -32,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,189 +40,29 @@ import torch
 from dpokit.data import Message, Pair
 from dpokit.data.encode import EncodedPair
 from dpokit.errors import UserError
-from dpokit.sampling import SamplingSettings, generate_responses
+from dpokit.inference import (
+    ADAPTER_DIR_NAME,
+    RUN_CONFIG,
+    Question,
+    adapter_base_model,
+    answer_questions,
+    check_loadable,
+    load_for_inference,
+    load_questions,
+    run_folder_of,
+    sampling_from_args,
+)
+from dpokit.models import autocast_for
+from dpokit.outputs import ensure_writable, write_atomic, write_jsonl
+from dpokit.sampling import SamplingSettings
 from dpokit.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, bootstrap_mean_interval
 
-ADAPTER_DIR_NAME = "adapter"  # a run's final adapter: RUN_DIR/adapter
-RUN_CONFIG = "config.yaml"  # what marks a folder as a `dpokit train` run
 EVAL_FILE = "eval.json"
-VIBE_FILE = "vibe.jsonl"
 COMPARE_DIR = "compare"
 QUESTIONS_FILE = "question.jsonl"
 ANSWERS_DIR = "model_answer"
 JUDGMENTS_FILE = "model_judgment/dpokit_pair.jsonl"
 SUMMARY_FILE = "summary.json"
-
-
-# --- models ---------------------------------------------------------------------------------------------------------
-
-
-def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
-    """The base an adapter belongs to: `dpokit.json`'s `base_model` (the name as the user gave it, e.g. a
-    `builtin:` name) when dpokit trained it, else `base_model_name_or_path` from adapter_config.json."""
-    from dpokit.models import base_model_of_adapter
-
-    recorded = base_model_of_adapter(adapter_dir)  # also checks that this is an adapter folder
-    dpokit_file = Path(adapter_dir) / "dpokit.json"
-    if dpokit_file.is_file():
-        try:
-            base = json.loads(dpokit_file.read_text(encoding="utf-8")).get("base_model")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise UserError(f"{dpokit_file} is not a valid JSON object; delete it to use {recorded}") from e
-        if isinstance(base, str) and base:
-            return base
-    return recorded
-
-
-def run_folder_of(adapter_dir: str | os.PathLike | None) -> Path | None:
-    """The `dpokit train` run an adapter belongs to: the nearest folder above it that holds config.yaml."""
-    if adapter_dir is None:
-        return None
-    for folder in Path(adapter_dir).resolve().parents:
-        if (folder / RUN_CONFIG).is_file():
-            return folder
-    return None
-
-
-def load_for_inference(model_name: str | None, adapter: str | None) -> tuple[Any, Any]:
-    """(model, tokenizer) in eval mode on this process's device, with the adapter attached when given.
-
-    The tokenizer comes from the adapter folder when training saved one there (it holds the chat template the
-    adapter was trained with), else from the base model with the chat template of the adapter's run, if any.
-    """
-    from accelerate import PartialState
-
-    from dpokit.models import load_adapter, load_model, load_tokenizer
-
-    if model_name is None:
-        if adapter is None:
-            raise UserError("give --model, or an --adapter whose base model is then used")
-        model_name = adapter_base_model(adapter)
-    if adapter is not None and not Path(adapter).is_dir():
-        raise UserError(f"adapter folder {adapter} does not exist")
-    has_own_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
-    if has_own_tokenizer:
-        tokenizer = load_tokenizer(str(adapter))
-    else:
-        tokenizer = load_tokenizer(model_name, chat_template=_run_chat_template(adapter))
-    model = load_model(model_name)
-    if adapter is not None:
-        model = load_adapter(model, adapter)
-    model.to(PartialState().device)
-    model.eval()
-    return model, tokenizer
-
-
-def _run_chat_template(adapter: str | None) -> str | None:
-    """The `chat_template` override of the run the adapter was trained in, so answers use the training format."""
-    from dpokit.config import load_config
-
-    run_dir = run_folder_of(adapter)
-    return load_config(run_dir / RUN_CONFIG).chat_template if run_dir is not None else None
-
-
-def bf16_autocast(model: Any, enabled: bool | None) -> contextlib.AbstractContextManager:
-    """bf16 autocast where it pays (None: decide by the hardware), else nothing."""
-    from dpokit.models import bf16_is_fast
-
-    device = next(model.parameters()).device
-    if enabled is None:
-        enabled = bf16_is_fast(device)
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-# --- prompts --------------------------------------------------------------------------------------------------------
-# TODO(merge): this minimal reader stands in for `dpokit.prompts` (MT-Bench question.jsonl and `prompt` rows);
-# switch `read_questions` to it when it lands.
-
-
-@dataclass(frozen=True)
-class Question:
-    """One prompt to answer: its user turns are answered one after another in the same conversation."""
-
-    question_id: int | str
-    turns: tuple[str, ...]
-    category: str | None = None
-    context: tuple[Message, ...] = ()  # messages before the first turn (a system prompt, an earlier exchange)
-
-    def to_mt_bench(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"question_id": self.question_id, "category": self.category, "turns": list(self.turns)}
-        if self.context:
-            row["context"] = list(self.context)
-        return row
-
-
-def read_questions(path: str) -> list[Question]:
-    """Questions from MT-Bench's question.jsonl layout (`question_id`, `category`, `turns`), JSONL rows with a
-    `prompt` (text or a conversation ending in a user message), or a .txt file with one prompt per line."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"prompts file {path} does not exist")
-    text = _read_text(file)
-    if file.suffix.lower() == ".txt":
-        questions = [Question(i, (line.strip(),)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    else:
-        questions = [_question_from_row(row, f"{path}:{n}", n) for n, row in _json_rows(file, text)]
-    if not questions:
-        raise UserError(f"prompts file {path} holds no prompt text; give one prompt per row")
-    ids = [q.question_id for q in questions]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(f"prompts file {path}: question_id {duplicate!r} appears more than once")
-    return questions
-
-
-def _read_text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompts file {file}: undecodable bytes (not UTF-8) at byte {e.start}") from None
-
-
-def _json_rows(file: Path, text: str) -> Iterator[tuple[int, Any]]:
-    if file.suffix.lower() == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"prompts file {file}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(rows, list):
-            raise UserError(f"prompts file {file}: expected a JSON list of rows, got {type(rows).__name__}")
-        yield from enumerate(rows, 1)
-        return
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"prompts file {file}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
-
-
-def _question_from_row(row: Any, origin: str, number: int) -> Question:
-    if not isinstance(row, dict):
-        raise UserError(f"{origin}: expected a JSON object, got {type(row).__name__}")
-    category = row.get("category")
-    category = str(category) if category is not None else None
-    question_id = row.get("question_id", row.get("id", number))
-    if "turns" in row:
-        turns = row["turns"]
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise UserError(f"{origin}: `turns` must be a non-empty list of non-empty texts")
-        return Question(question_id, tuple(turns), category)
-    prompt = row.get("prompt")
-    if isinstance(prompt, str) and prompt.strip():
-        return Question(question_id, (prompt,), category)
-    if isinstance(prompt, list) and prompt:
-        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in prompt):
-            raise UserError(f"{origin}: `prompt` messages must be objects with role and content")
-        last = prompt[-1]
-        if last["role"] != "user" or not last["content"].strip():
-            raise UserError(f"{origin}: a `prompt` conversation must end with a non-empty user message")
-        context = tuple({"role": m["role"], "content": m["content"]} for m in prompt[:-1])
-        return Question(question_id, (last["content"],), category, context)
-    raise UserError(f"{origin}: a prompt row needs non-empty `turns` (MT-Bench) or `prompt` (text or messages)")
 
 
 # --- eval: implicit reward on held-out pairs ------------------------------------------------------------------------
@@ -253,7 +91,7 @@ def sequence_logps_of_pairs(
     chosen, rejected = [], []
     for start in range(0, len(encoded), settings.batch_size):
         batch = collate(encoded[start : start + settings.batch_size], tokenizer.pad_token_id, padding_free=True)
-        with bf16_autocast(model, settings.bf16):
+        with autocast_for(device, settings.bf16):
             logps = scorer(batch.to(device))
         chosen.append(logps.chosen.float().cpu())
         rejected.append(logps.rejected.float().cpu())
@@ -363,7 +201,7 @@ def run_eval(args: argparse.Namespace) -> int:
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
     if output is not None:
-        _write_atomic(output, text + "\n")
+        write_atomic(output, text + "\n")
         print(f"written to {output}", file=sys.stderr)
     return 0
 
@@ -499,25 +337,6 @@ def contestant_id(model: str | None, adapter: str | None) -> str:
     else:
         name = (model or "model").removeprefix("builtin:").rstrip("/").split("/")[-1]
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
-
-
-def answer_questions(
-    model: Any, tokenizer: Any, questions: Sequence[Question], settings: SamplingSettings, bf16: bool | None = None
-) -> list[list[str]]:
-    """Each question's answers, one per turn; a later turn is asked in the conversation holding the earlier
-    answers of the same model, as MT-Bench does."""
-    conversations = [list(q.context) for q in questions]
-    answers: list[list[str]] = [[] for _ in questions]
-    for turn in range(max(len(q.turns) for q in questions)):
-        active = [i for i, q in enumerate(questions) if len(q.turns) > turn]
-        for i in active:
-            conversations[i].append({"role": "user", "content": questions[i].turns[turn]})
-        with bf16_autocast(model, bf16):
-            outputs = generate_responses(model, tokenizer, [conversations[i] for i in active], settings)
-        for i, samples in zip(active, outputs, strict=True):
-            answers[i].append(samples[0])
-            conversations[i].append({"role": "assistant", "content": samples[0]})
-    return answers
 
 
 def _answers_of(side: Contestant, questions: Sequence[Question], settings: SamplingSettings, bf16: bool | None):
@@ -670,12 +489,12 @@ def write_comparison(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        _write_jsonl(staging / QUESTIONS_FILE, [r.question.to_mt_bench() for r in records])
+        write_jsonl(staging / QUESTIONS_FILE, [r.question.to_mt_bench() for r in records])
         for side, pick in ((side_1, "answers_1"), (side_2, "answers_2")):
             rows = [_answer_row(side.model_id, r.question.question_id, getattr(r, pick)) for r in records]
-            _write_jsonl(staging / ANSWERS_DIR / f"{side.model_id}.jsonl", rows)
-        _write_jsonl(staging / JUDGMENTS_FILE, [j for r in records for j in r.judgments])
-        _write_atomic(staging / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+            write_jsonl(staging / ANSWERS_DIR / f"{side.model_id}.jsonl", rows)
+        write_jsonl(staging / JUDGMENTS_FILE, [j for r in records for j in r.judgments])
+        write_atomic(staging / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         os.chmod(staging, 0o755)
         if output_dir.exists():
             shutil.rmtree(output_dir)  # checked by _compare_output: empty, or a comparison replaced on request
@@ -715,26 +534,6 @@ def _compare_output(args: argparse.Namespace) -> Path:
     return output
 
 
-def _sampling(args: argparse.Namespace) -> SamplingSettings:
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
-    return SamplingSettings(
-        num_samples=1,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
-
-
-def _limited(questions: list[Question], limit: int | None) -> list[Question]:
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
-    return questions[:limit] if limit is not None else questions
-
-
 def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant]:
     """Model A defaults to model B's base, so `--adapter-b RUN/adapter` alone compares before and after."""
     if args.model_b is None and args.adapter_b is None:
@@ -750,14 +549,21 @@ def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    questions = _limited(read_questions(args.prompts), args.limit)
-    output = _compare_output(args)
-    settings = _sampling(args)
-    side_1, side_2 = _contestants(args)
-    from dpokit.judges import load_judge
+    """`dpokit compare`: every input, the output folder and the judge are checked before any model loads."""
+    from dpokit.judges import judge_options_from_args, load_judge
 
-    judge = load_judge(args.judge)  # before any answer is generated: a bad judge fails in seconds
-    summary = compare_models(side_1, side_2, questions, judge, settings, output, bf16=args.bf16, seed=args.seed)
+    questions = load_questions(args.prompts, args.limit)
+    output = _compare_output(args)
+    settings = sampling_from_args(args)
+    side_1, side_2 = _contestants(args)
+    judge = load_judge(args.judge, **judge_options_from_args(args))
+    try:
+        judge.check()  # an endpoint that cannot be reached fails now, not after every answer was generated
+        for side in (side_1, side_2):
+            check_loadable(side.model, side.adapter)  # model B's mistake is found before model A answers
+        summary = compare_models(side_1, side_2, questions, judge, settings, output, bf16=args.bf16, seed=args.seed)
+    finally:
+        judge.close()
     if summary:
         print_comparison(summary)
         print(f"answers, judgments and summary.json in {output}", file=sys.stderr)
@@ -794,234 +600,3 @@ def print_comparison(summary: dict[str, Any]) -> None:
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
-
-
-# --- chat and vibe --------------------------------------------------------------------------------------------------
-
-
-def run_chat(args: argparse.Namespace) -> int:
-    """A conversation in the terminal; lines come from stdin, so it can be scripted."""
-    from dpokit.config import BUILTIN_MODEL
-
-    model_name = args.model or (None if args.adapter else BUILTIN_MODEL)
-    model, tokenizer = load_for_inference(model_name, args.adapter)
-    settings = _sampling(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[Message] = list(system)
-    print("type a message; /reset starts over, /exit leaves", flush=True)
-    turn = 0
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print()
-            return 0
-        text = line.strip()
-        if text == "/exit":
-            return 0
-        if text == "/reset":
-            history = list(system)
-            print("(conversation cleared)", flush=True)
-            continue
-        if not text:
-            continue
-        history.append({"role": "user", "content": text})
-        turn_settings = SamplingSettings(**{**settings.to_dict(), "seed": settings.seed + turn})
-        with bf16_autocast(model, args.bf16):
-            reply = generate_responses(model, tokenizer, [history], turn_settings)[0][0]
-        history.append({"role": "assistant", "content": reply})
-        turn += 1
-        print(f"assistant> {reply}", flush=True)
-
-
-def vibe_check(
-    model: Any, tokenizer: Any, questions: Sequence[Question], settings: SamplingSettings, bf16: bool | None = None
-) -> list[tuple[str, str]]:
-    """(base answer, aligned answer) to each question's first turn: the adapter switched off, then on."""
-    first_turns = [Question(q.question_id, q.turns[:1], q.category, q.context) for q in questions]
-    with model.disable_adapter():
-        base = answer_questions(model, tokenizer, first_turns, settings, bf16)
-    aligned = answer_questions(model, tokenizer, first_turns, settings, bf16)
-    return [(b[0], a[0]) for b, a in zip(base, aligned, strict=True)]
-
-
-def run_vibe(args: argparse.Namespace) -> int:
-    questions = _limited(read_questions(args.prompts), args.limit)
-    if args.output is not None:
-        output = Path(args.output)
-    else:
-        run_dir = run_folder_of(args.adapter)
-        output = (run_dir if run_dir is not None else Path(args.adapter).resolve().parent) / VIBE_FILE
-    ensure_writable(output.resolve().parent, "--output")
-    settings = _sampling(args)
-    model, tokenizer = load_for_inference(args.model, args.adapter)
-    answers = vibe_check(model, tokenizer, questions, settings, args.bf16)
-    base_name = args.model or adapter_base_model(args.adapter)
-    rows = [
-        {
-            "question_id": q.question_id,
-            "category": q.category,
-            "prompt": q.turns[0],
-            "base": base_answer,
-            "aligned": aligned_answer,
-            "model": base_name,
-            "adapter": str(args.adapter),
-            "sampling": settings.to_dict(),
-        }
-        for q, (base_answer, aligned_answer) in zip(questions, answers, strict=True)
-    ]
-    _write_jsonl(output, rows)
-    _print_vibe(rows)
-    print(f"saved to {output}", file=sys.stderr)
-    return 0
-
-
-def _print_vibe(rows: Sequence[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title="vibe check", show_lines=True, expand=True)
-    table.add_column("prompt", ratio=1)
-    table.add_column("base", ratio=2)
-    table.add_column("aligned", ratio=2)
-    for row in rows:
-        table.add_row(Text(row["prompt"]), Text(row["base"]), Text(row["aligned"]))  # Text: no markup from models
-    Console().print(table)
-
-
-# --- merge ----------------------------------------------------------------------------------------------------------
-
-# Largest |merged - unmerged| logit allowed, relative to the largest |logit|. Merging adds B @ A * scale into each
-# weight in fp32, which reorders float additions only: measured differences are ~1e-6 of the logit scale, so
-# 1e-4 leaves room while still catching a wrong scale, a missed module or a dtype loss (those are >= 1e-2).
-MERGE_RELATIVE_TOLERANCE = 1e-4
-PROBE_CONVERSATION = [
-    {"role": "user", "content": "Give me three tips for writing clear code, and explain why each helps."},
-    {"role": "assistant", "content": "1. Name things after what they mean. 2. Keep functions short. 3. Test."},
-]
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class MergeCheck:
-    max_abs_diff: float
-    max_abs_logit: float
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "max_abs_diff": self.max_abs_diff,
-            "max_abs_logit": self.max_abs_logit,
-            "tolerance": self.tolerance,
-            "relative_tolerance": MERGE_RELATIVE_TOLERANCE,
-            "passed": self.passed,
-        }
-
-
-@torch.no_grad()
-def _probe_logits(model: Any, probe: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**probe, use_cache=False).logits.float()
-
-
-def merge_adapter(adapter_dir: str, output_dir: str, model_name: str | None = None, dtype: str = "auto") -> MergeCheck:
-    """Fold the adapter into its base (fp32), check logits on a probe conversation, save in `dtype`.
-
-    The folder appears complete or not at all: the model is written to a temporary folder beside it and
-    renamed into place.
-    """
-    from dpokit.models import load_adapter, load_model, load_tokenizer, resolve_model_path
-
-    output = Path(output_dir)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"output folder {output} is not empty; give a new --output folder")
-    ensure_writable(output.resolve().parent, "--output")
-    base = model_name or adapter_base_model(adapter_dir)
-    save_dtype = _save_dtype(resolve_model_path(base), dtype)
-    has_own_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter_dir if has_own_tokenizer else base)
-    model = load_adapter(load_model(base, dtype=torch.float32), adapter_dir)
-    model.eval()
-    text = tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=False)
-    probe = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    unmerged = _probe_logits(model, probe)
-    merged_model = model.merge_and_unload()
-    merged = _probe_logits(merged_model, probe)
-    max_logit = unmerged.abs().max().item()
-    check = MergeCheck((merged - unmerged).abs().max().item(), max_logit, MERGE_RELATIVE_TOLERANCE * max(1, max_logit))
-    if not check.passed:
-        raise RuntimeError(f"merged logits differ from the adapter's by {check.max_abs_diff:.3g} (> {check.tolerance})")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        merged_model.to(save_dtype).save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        provenance = {"adapter": str(Path(adapter_dir).resolve()), "base_model": base, "check": check.to_dict()}
-        (staging / "merge.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)
-        if output.exists():
-            output.rmdir()  # empty, checked above
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return check
-
-
-def _save_dtype(base_path: str, dtype: str) -> torch.dtype:
-    """`auto`: the dtype the base model was stored in, so a bf16 base stays bf16 after merging."""
-    if dtype != "auto":
-        return SAVE_DTYPES[dtype]
-    from transformers import AutoConfig
-
-    try:
-        stored = getattr(AutoConfig.from_pretrained(base_path), "dtype", None)
-    except (OSError, ValueError):
-        stored = None
-    if isinstance(stored, str):
-        stored = SAVE_DTYPES.get(stored)
-    return stored if isinstance(stored, torch.dtype) else torch.float32
-
-
-def run_merge(args: argparse.Namespace) -> int:
-    check = merge_adapter(args.adapter, args.output, args.model, args.dtype)
-    print(
-        f"merged into {args.output}: logits agree with the adapter's (max |diff| {check.max_abs_diff:.2e} <= "
-        f"{check.tolerance:.2e})"
-    )
-    return 0
-
-
-# --- files ----------------------------------------------------------------------------------------------------------
-
-
-def ensure_writable(folder: Path, what: str) -> None:
-    """Fail in a second, before any model loads, when `folder` (created if missing) cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(
-            f"{what}: {folder} cannot be written ({e.strerror}); choose a folder you can write to"
-        ) from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` so that `path` holds either its old content or all of the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

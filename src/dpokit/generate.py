@@ -410,16 +410,15 @@ def generate_pairs(
     """Make pairs for `items` into `output` (resuming it), and return the counts. The Python face of the command.
 
     `model_name` and `adapter` are the names recorded in each row (the loaded `model` cannot tell its own).
-    `bf16` samples under bf16 autocast; None uses it where the hardware runs it fast (`models.bf16_is_fast`).
+    `bf16` samples under bf16 autocast; None uses it where the hardware runs it fast (`models.use_bf16`).
     """
-    from dpokit.models import bf16_is_fast
+    from dpokit.models import use_bf16
 
     dist = distribution or Distribution()
     output = Path(output)
     provenance = make_provenance(judge.spec, model_name, adapter, sampling, pairing)
-    if bf16 is None:
-        bf16 = bf16_is_fast(next(model.parameters()).device)
-    provenance["bf16"] = bf16  # recorded, not required to match on resume: it changes numerics, not the recipe
+    # recorded, not required to match on resume: it changes numerics, not the recipe
+    provenance["bf16"] = use_bf16(next(model.parameters()).device, bf16)
     order = {item.key: i for i, item in reversed(list(enumerate(items)))}
     if dist.is_main:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -493,8 +492,7 @@ def _run_batches(
     dist: Distribution,
     show_progress: bool,
 ) -> Summary:
-    import torch
-
+    from dpokit.models import autocast_for
     from dpokit.sampling import generate_responses
 
     device = next(model.parameters()).device
@@ -510,7 +508,7 @@ def _run_batches(
                 settings = dataclasses.replace(sampling, seed=batch_seed(sampling.seed, batch))
                 conversations = [item.messages for item in batch]
                 # bf16 autocast samples ~1.6x faster on an AMX CPU; greedy answers stay the same for dozens of tokens
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=provenance["bf16"]):
+                with autocast_for(device, provenance["bf16"]):
                     answers = generate_responses(model, tokenizer, conversations, settings, advance)
                 rows, skips, counts = judge_batch(batch, answers, judge, pairing, sampling.seed, provenance)
                 pairs.write(rows)
@@ -614,6 +612,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     judge = load_judge(args.judge, **judge_options)
     try:
+        judge.check()  # an endpoint that cannot be reached fails now, before the model loads
         tokenizer = load_tokenizer(model_name)
         model = load_model(model_name)
         if args.adapter:

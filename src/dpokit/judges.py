@@ -114,6 +114,11 @@ class Judge(Protocol):
         """`compare` for many (prompt, answer_a, answer_b) at once."""
         ...
 
+    def check(self) -> None:
+        """Raise a one-line `UserError` now when the judge cannot work at all (an endpoint that cannot be reached,
+        refuses the key or does not know the model), before hours of answers are generated for it."""
+        ...
+
     def close(self) -> None:
         """Release threads, connections and models."""
         ...
@@ -279,6 +284,9 @@ class BaseJudge:
 
     def compare_batch(self, items: Sequence[tuple[list[Message], str, str]]) -> list[Verdict | None]:
         raise NotImplementedError
+
+    def check(self) -> None:
+        return None  # local judges were loaded (and their files checked) when they were built
 
     def close(self) -> None:
         return None
@@ -581,6 +589,12 @@ class OpenAIJudge(LLMJudge):
                 f.cancel()  # do not start queued requests once the run is stopping
             raise
 
+    def check(self) -> None:
+        """One pairwise question about two identical answers; its verdict is not counted, only that it came. A
+        failure here is a first failure, so `_request_failed` makes it a one-line UserError."""
+        if not self._worked:
+            self._chat(PAIRWISE_PROMPT.format(question="Say hello.", answer_a="Hello!", answer_b="Hello!"))
+
     def _chat(self, question: str) -> str | None:
         import openai
 
@@ -607,7 +621,7 @@ class OpenAIJudge(LLMJudge):
         """(reason, one-line detail) of a failed request; the detail never holds the key."""
         import openai
 
-        tries = f"tried {self.options.retries + 1} times"
+        tries = f"tried {self.options.retries + 1} time{'s' if self.options.retries else ''}"
         if isinstance(error, openai.APITimeoutError):
             return "timeout", f"no reply from {self.base_url} within {self.options.timeout:g} s ({tries})"
         if isinstance(error, openai.APIConnectionError):

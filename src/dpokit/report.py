@@ -77,8 +77,8 @@ def read_run(run_dir: Path) -> RunFiles:
     train, evals = read_metrics(run_dir / METRICS_FILE, notes)
     if not train and not evals:
         raise UserError(
-            f"run folder {run_dir} has no metrics ({METRICS_FILE} is missing or holds no logged step); "
-            "report a run that has logged at least one step"
+            f"run folder {run_dir} has no metrics: {_why_no_metrics(run_dir / METRICS_FILE, notes)}; report a run "
+            "that has logged at least one step"
         )
     run = RunFiles(run_dir, train, evals, notes=notes)
     run.config = _read_yaml(run_dir / "config.yaml", notes)
@@ -116,6 +116,12 @@ def read_metrics(path: Path, notes: list[str]) -> tuple[Series, Series]:
     if bad:
         notes.append(f"{path.name}: {bad} line(s) were not metric rows (JSON objects with a numeric step) and left out")
     return train, evals
+
+
+def _why_no_metrics(path: Path, notes: list[str]) -> str:
+    if not path.is_file():
+        return f"{path.name} is missing"
+    return notes[0] if notes else f"{path.name} holds no logged step"
 
 
 def _is_number(value: Any) -> bool:

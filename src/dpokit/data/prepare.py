@@ -3,7 +3,8 @@
 Every pair becomes a conversational triplet (a standard text pair becomes a user turn and assistant turns).
 Exact duplicates and pairs whose chosen equals rejected are removed, over-long pairs too when a limit is given,
 and a test split is held out whole prompts at a time, so no prompt is in both files. The training triplets go to
-OUT.jsonl, the test ones to OUT.test.jsonl beside it, and one line accounts for every row read.
+OUT.jsonl, the test ones to OUT.test.jsonl beside it, and one line accounts for every row read. Files that exist
+already are replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ IDENTICAL = "identical chosen and rejected"
 
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    train_path, test_path = output_paths(args.output, args.data)
+    train_path, test_path = output_paths(args.output, args.data, args.overwrite)
     _check_arguments(args)
     loaded = load_pairs(
         args.data,
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     write_jsonl(train_path, train)
     if test:
         write_jsonl(test_path, test)
+    else:
+        test_path.unlink(missing_ok=True)  # an earlier split beside the new training file would pose as its test set
     fmt = f"{loaded.format}, detected" if loaded.detected else loaded.format
     print(_account(loaded.source, fmt, loaded.rows, train_path, len(train), test_path, len(test)))
     print("  left out: " + _left_out(loaded.bad_rows, loaded.rejected_file, loaded.counts, removed))
@@ -59,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def output_paths(output: str, source: str) -> tuple[Path, Path]:
-    """OUT.jsonl for training and OUT.test.jsonl beside it; never the source itself."""
+def output_paths(output: str, source: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """OUT.jsonl for training and OUT.test.jsonl beside it; never the source itself, and files that exist already
+    (an earlier preparation, or anything else) only with `overwrite`."""
     train_path = Path(output).expanduser()
     if train_path.suffix.lower() != ".jsonl":
         raise UserError(f"--output {output}: give a .jsonl file name (the test split goes beside it as .test.jsonl)")
@@ -68,7 +72,12 @@ def output_paths(output: str, source: str) -> tuple[Path, Path]:
         raise UserError(f"--output {output} is a folder; give a .jsonl file name")
     if Path(source).exists() and train_path.resolve() == Path(source).resolve():
         raise UserError(f"--output {output} is the input file; write the prepared data somewhere else")
-    return train_path, train_path.with_name(train_path.stem + ".test.jsonl")
+    test_path = train_path.with_name(train_path.stem + ".test.jsonl")
+    existing = [str(path) for path in (train_path, test_path) if path.exists()]
+    if existing and not overwrite:
+        what = " and ".join(existing) + (" exist" if len(existing) > 1 else " exists")
+        raise UserError(f"--output: {what} already; add --overwrite to replace, or choose another --output")
+    return train_path, test_path
 
 
 def _check_arguments(args: argparse.Namespace) -> None:

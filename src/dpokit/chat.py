@@ -1,0 +1,121 @@
+"""Talking to a model: `chat` in the terminal, and `vibe`, base and aligned answers to a few prompts side by side.
+
+`vibe` saves its rows as RUN_DIR/vibe.jsonl of the adapter's run by default, where `dpokit report RUN_DIR` shows
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dpokit.data import Message
+from dpokit.inference import (
+    Question,
+    adapter_base_model,
+    answer_questions,
+    load_for_inference,
+    load_questions,
+    run_folder_of,
+    sampling_from_args,
+)
+from dpokit.models import autocast_for
+from dpokit.outputs import ensure_writable, write_jsonl
+from dpokit.sampling import SamplingSettings, generate_responses
+
+VIBE_FILE = "vibe.jsonl"
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """A conversation in the terminal; lines come from stdin, so it can be scripted."""
+    from dpokit.config import BUILTIN_MODEL
+
+    model_name = args.model or (None if args.adapter else BUILTIN_MODEL)
+    settings = sampling_from_args(args)
+    model, tokenizer = load_for_inference(model_name, args.adapter)
+    device = next(model.parameters()).device
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[Message] = list(system)
+    print("type a message; /reset starts over, /exit leaves", flush=True)
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            history = list(system)
+            print("(conversation cleared)", flush=True)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        turn_settings = SamplingSettings(**{**settings.to_dict(), "seed": settings.seed + turn})
+        with autocast_for(device, args.bf16):
+            reply = generate_responses(model, tokenizer, [history], turn_settings)[0][0]
+        history.append({"role": "assistant", "content": reply})
+        turn += 1
+        print(f"assistant> {reply}", flush=True)
+
+
+def vibe_check(
+    model: Any, tokenizer: Any, questions: Sequence[Question], settings: SamplingSettings, bf16: bool | None = None
+) -> list[tuple[str, str]]:
+    """(base answer, aligned answer) to each question's first turn: the adapter switched off, then on."""
+    first_turns = [Question(q.question_id, q.turns[:1], q.category, q.context) for q in questions]
+    with model.disable_adapter():
+        base = answer_questions(model, tokenizer, first_turns, settings, bf16)
+    aligned = answer_questions(model, tokenizer, first_turns, settings, bf16)
+    return [(b[0], a[0]) for b, a in zip(base, aligned, strict=True)]
+
+
+def run_vibe(args: argparse.Namespace) -> int:
+    questions = load_questions(args.prompts, args.limit)
+    if args.output is not None:
+        output = Path(args.output)
+    else:
+        run_dir = run_folder_of(args.adapter)
+        output = (run_dir if run_dir is not None else Path(args.adapter).resolve().parent) / VIBE_FILE
+    ensure_writable(output.resolve().parent, "--output")
+    settings = sampling_from_args(args)
+    model, tokenizer = load_for_inference(args.model, args.adapter)
+    answers = vibe_check(model, tokenizer, questions, settings, args.bf16)
+    base_name = args.model or adapter_base_model(args.adapter)
+    rows = [
+        {
+            "question_id": q.question_id,
+            "category": q.category,
+            "prompt": q.turns[0],
+            "base": base_answer,
+            "aligned": aligned_answer,
+            "model": base_name,
+            "adapter": str(args.adapter),
+            "sampling": settings.to_dict(),
+        }
+        for q, (base_answer, aligned_answer) in zip(questions, answers, strict=True)
+    ]
+    write_jsonl(output, rows)
+    _print_vibe(rows)
+    print(f"saved to {output}", file=sys.stderr)
+    return 0
+
+
+def _print_vibe(rows: Sequence[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="vibe check", show_lines=True, expand=True)
+    table.add_column("prompt", ratio=1)
+    table.add_column("base", ratio=2)
+    table.add_column("aligned", ratio=2)
+    for row in rows:
+        table.add_row(Text(row["prompt"]), Text(row["base"]), Text(row["aligned"]))  # Text: no markup from models
+    Console().print(table)
