@@ -39,6 +39,7 @@ import torch
 
 from dpokit.data import Message, Pair
 from dpokit.data.encode import EncodedPair
+from dpokit.distributed import process_state
 from dpokit.errors import UserError
 from dpokit.inference import (
     ADAPTER_DIR_NAME,
@@ -407,10 +408,9 @@ def compare_models(
     Under `accelerate launch` each process answers and judges its own contiguous share of the questions and
     the main process writes everything, in question order.
     """
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    state = process_state()
     with state.split_between_processes(list(questions)) as shard:
         records: list[ComparisonRecord] = []
         if shard:

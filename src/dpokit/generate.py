@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.data import Message
+from dpokit.distributed import process_state
 from dpokit.errors import UserError
 from dpokit.judges import Judge, JudgeOptions, judge_options_from_args, load_judge
 from dpokit.prompts import PromptItem, load_prompts
@@ -371,12 +372,9 @@ class Distribution:
 
     @classmethod
     def from_accelerate(cls) -> Distribution:
-        import torch
-        from accelerate import PartialState
         from accelerate.utils import gather_object
 
-        # without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no accelerator
-        state = PartialState(cpu=not torch.accelerator.is_available())
+        state = process_state()  # on a machine without GPUs this picks gloo, so torchrun's processes see each other
         if state.num_processes == 1:
             return cls(device=state.device)
         return cls(

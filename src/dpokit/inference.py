@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.data import Message
+from dpokit.distributed import process_state
 from dpokit.errors import UserError
 from dpokit.models import autocast_for
 from dpokit.prompts import PromptItem, load_prompts
@@ -68,8 +69,6 @@ def load_for_inference(model_name: str | None, adapter: str | None) -> tuple[Any
     The tokenizer comes from the adapter folder when training saved one there (it holds the chat template the
     adapter was trained with), else from the base model with the chat template of the adapter's run, if any.
     """
-    from accelerate import PartialState
-
     from dpokit.models import load_adapter, load_model, load_tokenizer
 
     model_name = _model_of(model_name, adapter)
@@ -81,7 +80,7 @@ def load_for_inference(model_name: str | None, adapter: str | None) -> tuple[Any
     model = load_model(model_name)
     if adapter is not None:
         model = load_adapter(model, adapter)
-    model.to(PartialState().device)
+    model.to(process_state().device)
     model.eval()
     return model, tokenizer
 
