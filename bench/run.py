@@ -133,9 +133,12 @@ class Outcome:
 # --- running ------------------------------------------------------------------------------------------------------
 
 
+DPOKIT_SRC = REPO / "src"  # the dpokit benchmarked; `--src` points elsewhere
+
+
 def child_env() -> dict[str, str]:
-    """The environment of every runner: the worktree's dpokit first, offline hub, no progress bars."""
-    paths = [str(REPO / "src"), str(measure.BENCH_DIR), os.environ.get("PYTHONPATH", "")]
+    """The environment of every runner: the benchmarked dpokit first, offline hub, no progress bars."""
+    paths = [str(DPOKIT_SRC), str(measure.BENCH_DIR), os.environ.get("PYTHONPATH", "")]
     return os.environ | {
         "PYTHONPATH": os.pathsep.join(p for p in paths if p),
         "HF_HUB_OFFLINE": "1",
@@ -370,7 +373,10 @@ def main() -> None:
     p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for a quiet machine per run")
     p.add_argument("--retries", type=int, default=2, help="repeats of a run the machine was busy for")
     p.add_argument("--results", default=str(RESULTS), help="folder for latest.json and latest.md")
+    p.add_argument("--src", default=str(DPOKIT_SRC), help="the `src` folder of the dpokit to benchmark")
     args = p.parse_args()
+    global DPOKIT_SRC
+    DPOKIT_SRC = Path(args.src).resolve()
     if args.list:
         for run in RUNS:
             print(f"{run.name:28} {run.trainer:7} {run.pairs:3} pairs  {run.purpose}")

@@ -10,10 +10,11 @@ pairs and steps as the TRL run it is compared with, and `logging_steps=1`. From 
 
 From the run's own files in `output_dir` (the contract dpokit's trainer writes):
 
-- `metrics.jsonl`, one JSON object per logged step with `step` (1 for the first optimizer step), `loss`, and a wall
-  clock `time` in seconds since the epoch (or `elapsed`, seconds since the training loop began); with a cumulative
-  `num_tokens` (real, unpadded tokens of the unshared layout, TRL's meaning) tokens/s and FLOPs are exact, without it
-  they use the data set's mean tokens per pair. The step-0 loss is the `loss` of the first step;
+- `metrics.jsonl`, one JSON object per logged step with `step` (1 for the first optimizer step) and `loss`; the
+  step-0 loss is the `loss` of step 1. For the steady-state window each row also needs a clock: `time` (seconds
+  since the epoch), `elapsed` or `runtime` (seconds since the loop began); with a cumulative `num_tokens` (real,
+  unpadded tokens of the unshared layout, TRL's meaning) tokens/s and FLOPs are exact, without it they use the data
+  set's mean tokens per pair. Without a clock, pairs/s falls back to summary.json's, warm-up included, and says so;
 - `summary.json`: copied whole into the record; the table picks steps, training runtime, train pairs/s and peak
   memory from it under the names listed in `SUMMARY_KEYS`.
 
@@ -38,11 +39,14 @@ import measure
 
 # Names the table looks for in summary.json, first match wins.
 SUMMARY_KEYS = {
-    "steps": ("global_step", "steps", "max_steps"),
-    "train_runtime_s": ("train_runtime", "runtime", "train_seconds"),
-    "train_pairs_per_s": ("train_pairs_per_second", "train_samples_per_second", "pairs_per_second"),
-    "peak_memory_mib": ("peak_memory_mib", "peak_rss_mib", "peak_memory_mb", "peak_memory"),
+    "steps": ("steps", "global_step"),
+    "train_runtime_s": ("runtime_seconds", "train_runtime", "runtime"),
+    "train_pairs_per_s": ("train_pairs_per_second", "pairs_per_second"),
+    "train_tokens_per_s": ("train_tokens_per_second", "tokens_per_second"),
+    "peak_memory_mb": ("peak_memory_mb", "peak_memory_mib", "peak_rss_mib"),
 }
+# Per-step clock in metrics.jsonl, first match wins: epoch seconds, or seconds since the loop began.
+CLOCK_KEYS = ("time", "elapsed", "runtime")
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,7 +121,7 @@ def first_key(mapping: dict[str, Any], names: tuple[str, ...]) -> Any:
 
 
 def adapter_saved_at(output_dir: Path) -> float | None:
-    files = [p for p in output_dir.rglob("adapter_model.safetensors") if "checkpoint" not in p.parent.name]
+    files = [p for p in output_dir.rglob("adapter_model.safetensors") if "checkpoints" not in p.parts]
     return max((p.stat().st_mtime for p in files), default=None)
 
 
@@ -135,28 +139,39 @@ def data_lengths(args: argparse.Namespace) -> list[measure.PairLengths]:
 
 
 def step_time(row: dict[str, Any]) -> float | None:
-    return row.get("time", row.get("elapsed"))
+    return first_key(row, CLOCK_KEYS)
 
 
-def throughput(metrics: list[dict[str, Any]], args: argparse.Namespace, lengths: list[measure.PairLengths]) -> dict:
+def throughput(
+    metrics: list[dict[str, Any]], summary: dict[str, Any], args: argparse.Namespace, lengths: list[measure.PairLengths]
+) -> dict[str, Any]:
     """Pairs/s, tokens/s and achieved GFLOP/s over the steps after the warm-up, from metrics.jsonl timestamps."""
+    shape = measure.ModelShape.from_config(measure.read_model_config(_model_dir(args.model)))
+    mean_pair_flops = measure.training_flops(lengths, shape, args.lora_r) / len(lengths)
+    mean_tokens = sum(p.tokens for p in lengths) / len(lengths)
     by_step = {r["step"]: r for r in metrics if step_time(r) is not None}
     if len(by_step) < 2:
-        return {"error": "metrics.jsonl has no per-step `time` (or `elapsed`); steady-state throughput unknown"}
+        pairs_per_s = first_key(summary, SUMMARY_KEYS["train_pairs_per_s"])
+        if not pairs_per_s:
+            return {"error": "neither a per-step clock in metrics.jsonl nor train pairs/s in summary.json"}
+        return {
+            "steps": first_key(summary, SUMMARY_KEYS["steps"]),
+            "pairs_per_s": pairs_per_s,
+            "tokens_per_s": first_key(summary, SUMMARY_KEYS["train_tokens_per_s"]),
+            "basis": "summary.json, warm-up steps included (metrics.jsonl has no per-step clock)",
+            "achieved_gflops": round(mean_pair_flops * pairs_per_s / 1e9, 2),
+        }
     last = max(by_step)
     first = max((s for s in by_step if s <= args.warmup_steps), default=min(by_step))
     seconds = step_time(by_step[last]) - step_time(by_step[first])
     pairs = (last - first) * args.batch_size * args.grad_accum
-    shape = measure.ModelShape.from_config(measure.read_model_config(_model_dir(args.model)))
-    mean_pair_flops = measure.training_flops(lengths, shape, args.lora_r) / len(lengths)
-    mean_tokens = sum(p.tokens for p in lengths) / len(lengths)
     if "num_tokens" in by_step[last] and "num_tokens" in by_step[first]:
         tokens = by_step[last]["num_tokens"] - by_step[first]["num_tokens"]
-        basis = "metrics num_tokens"
+        basis = "steps after warm-up; tokens from metrics num_tokens"
         flops = mean_pair_flops * tokens / mean_tokens
     else:
         tokens = pairs * mean_tokens
-        basis = "data set mean tokens per pair"
+        basis = "steps after warm-up; tokens from the data set's mean per pair"
         flops = mean_pair_flops * pairs
     return {
         "steps": last,
@@ -164,7 +179,7 @@ def throughput(metrics: list[dict[str, Any]], args: argparse.Namespace, lengths:
         "window_s": round(seconds, 3),
         "pairs_per_s": round(pairs / seconds, 4),
         "tokens_per_s": round(tokens / seconds, 1),
-        "tokens_basis": basis,
+        "basis": basis,
         "model_flops": flops,
         "achieved_gflops": round(flops / seconds / 1e9, 2),
     }
@@ -201,7 +216,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     metrics = read_metrics(output_dir)
     lengths = data_lengths(args)
     record["data_tokens"] = measure.token_stats(lengths, args.batch_size)
-    record["train_loop"] = throughput(metrics, args, lengths)
+    record["train_loop"] = throughput(metrics, summary, args, lengths)
     record["step0"] = {"loss": metrics[0]["loss"] if metrics else None, "first_logged_step": metrics[:1]}
     record["memory"] = {"peak_rss_mib": round(measure.max_rss_bytes(children=True) / 2**20, 1)}
     record["load"] = load
