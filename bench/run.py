@@ -133,12 +133,9 @@ class Outcome:
 # --- running ------------------------------------------------------------------------------------------------------
 
 
-DPOKIT_SRC = REPO / "src"  # the dpokit benchmarked; `--src` points elsewhere
-
-
-def child_env() -> dict[str, str]:
-    """The environment of every runner: the benchmarked dpokit first, offline hub, no progress bars."""
-    paths = [str(DPOKIT_SRC), str(measure.BENCH_DIR), os.environ.get("PYTHONPATH", "")]
+def child_env(src: str) -> dict[str, str]:
+    """The environment of every runner: the benchmarked dpokit (`src`) first, offline hub, no progress bars."""
+    paths = [str(Path(src).resolve()), str(measure.BENCH_DIR), os.environ.get("PYTHONPATH", "")]
     return os.environ | {
         "PYTHONPATH": os.pathsep.join(p for p in paths if p),
         "HF_HUB_OFFLINE": "1",
@@ -148,9 +145,9 @@ def child_env() -> dict[str, str]:
     }
 
 
-def dpokit_train_exists() -> bool:
+def dpokit_train_exists(src: str) -> bool:
     probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('dpokit.train') else 1)"
-    return subprocess.run([sys.executable, "-c", probe], env=child_env()).returncode == 0
+    return subprocess.run([sys.executable, "-c", probe], env=child_env(src)).returncode == 0
 
 
 def wait_until_quiet(max_other_cores: float, max_wait: float) -> float:
@@ -190,7 +187,9 @@ def execute(run: Run, data: Path, args: argparse.Namespace, scratch: Path) -> Ou
         output = scratch / f"{run.name}-{attempt}.json"
         print(f"[{run.name}] attempt {attempt} (other cores before: {before:.2f})", flush=True)
         started = time.time()
-        child = subprocess.run(runner_command(run, data, output), env=child_env(), capture_output=True, text=True)
+        child = subprocess.run(
+            runner_command(run, data, output), env=child_env(args.src), capture_output=True, text=True
+        )
         process_wall = time.time() - started
         if child.returncode != 0 or not output.is_file():
             outcome.record = {"name": run.name, "error": child.stderr.strip()[-3000:]}
@@ -214,7 +213,7 @@ def measure_peak(args: argparse.Namespace) -> dict[str, Any]:
         watch = measure.LoadWatch(include_children=True).start()
         out = subprocess.run(
             [sys.executable, str(measure.BENCH_DIR / "matmul_peak.py")],
-            env=child_env(),
+            env=child_env(args.src),
             capture_output=True,
             text=True,
             check=True,
@@ -373,10 +372,8 @@ def main() -> None:
     p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for a quiet machine per run")
     p.add_argument("--retries", type=int, default=2, help="repeats of a run the machine was busy for")
     p.add_argument("--results", default=str(RESULTS), help="folder for latest.json and latest.md")
-    p.add_argument("--src", default=str(DPOKIT_SRC), help="the `src` folder of the dpokit to benchmark")
+    p.add_argument("--src", default=str(REPO / "src"), help="the `src` folder of the dpokit to benchmark")
     args = p.parse_args()
-    global DPOKIT_SRC
-    DPOKIT_SRC = Path(args.src).resolve()
     if args.list:
         for run in RUNS:
             print(f"{run.name:28} {run.trainer:7} {run.pairs:3} pairs  {run.purpose}")
@@ -390,7 +387,7 @@ def main() -> None:
     hardware = measure.hardware()
     print("measuring the matmul peak", flush=True)
     peak = measure_peak(args)
-    have_dpokit = dpokit_train_exists()
+    have_dpokit = dpokit_train_exists(args.src)
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         scratch = Path(tmp)
