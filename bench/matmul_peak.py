@@ -2,10 +2,11 @@
 
 The shapes are the ones SmolLM2-135M runs (hidden 576, intermediate 1536, 3 key/value heads of 64, vocabulary
 49152) with a few thousand tokens per batch, forward and backward (the transposed products), plus one large square
-product as the machine's best case. Each product runs on all threads torch uses, after a warm-up, repeatedly for
-at least `--seconds`; the best repeat counts. Two bf16 numbers are kept: plain bf16 tensors (what the hardware
-does, via AMX) and `F.linear` on fp32 weights under `torch.autocast("cpu", bfloat16)` (what a trainer's forward
-actually runs, casts included).
+product for reference. Two summaries per precision: the peak (the best of the model's shapes) and the model mix
+(the model's products in the proportions one LoRA training step runs them: what a perfect trainer would reach).
+Each product runs on all threads torch uses, after a warm-up, repeatedly for at least `--seconds`; the best repeat
+counts. Two bf16 numbers are kept: plain bf16 tensors (what the hardware does, via AMX) and `F.linear` on fp32
+weights under `torch.autocast("cpu", bfloat16)` (what a trainer's forward actually runs, casts included).
 
     python bench/matmul_peak.py                # prints one JSON record
     python bench/matmul_peak.py --tokens 4096 --seconds 1
@@ -25,16 +26,32 @@ HIDDEN, INTERMEDIATE, KV_WIDTH, VOCAB_TILE = 576, 1536, 192, 8192
 
 
 def shapes(tokens: int) -> dict[str, tuple[int, int, int]]:
-    """(M, K, N) of `[M, K] @ [K, N]` for each product of a training step; M is tokens or a weight dimension."""
+    """(M, K, N) of `[M, K] @ [K, N]` for each product of a LoRA training step, and one large square product."""
     return {
-        "qkvo 576x576": (tokens, HIDDEN, HIDDEN),
+        "q/o 576x576": (tokens, HIDDEN, HIDDEN),
         "k/v 576x192": (tokens, HIDDEN, KV_WIDTH),
-        "mlp up 576x1536": (tokens, HIDDEN, INTERMEDIATE),
-        "mlp down 1536x576": (tokens, INTERMEDIATE, HIDDEN),
-        "lm_head tile 576x8192": (tokens, HIDDEN, VOCAB_TILE),
+        "k/v grad 192x576": (tokens, KV_WIDTH, HIDDEN),
+        "up 576x1536": (tokens, HIDDEN, INTERMEDIATE),
+        "down 1536x576": (tokens, INTERMEDIATE, HIDDEN),
+        "lm_head 576x8192": (tokens, HIDDEN, VOCAB_TILE),
         "lm_head grad 8192x576": (tokens, VOCAB_TILE, HIDDEN),
         "square 2048": (2048, 2048, 2048),
     }
+
+
+# Multiply-adds per token of each shape in one LoRA training step (frozen weights: forward, and backward for the
+# activation gradients, whose products are the transposed shapes). Per layer: q and o forward and backward (4),
+# k and v forward (2) and backward (2), gate and up forward with down backward (3 of 576x1536), down forward with
+# gate and up backward (3 of 1536x576); the LM head on about half the tokens (the completion share), each way.
+MODEL_MIX = {
+    "q/o 576x576": 4 * HIDDEN * HIDDEN,
+    "k/v 576x192": 2 * HIDDEN * KV_WIDTH,
+    "k/v grad 192x576": 2 * HIDDEN * KV_WIDTH,
+    "up 576x1536": 3 * HIDDEN * INTERMEDIATE,
+    "down 1536x576": 3 * HIDDEN * INTERMEDIATE,
+    "lm_head 576x8192": 0.5 * HIDDEN * 49152 / 30,  # per layer: the head runs once for 30 layers
+    "lm_head grad 8192x576": 0.5 * HIDDEN * 49152 / 30,
+}
 
 
 def best_seconds(fn: Callable[[], object], seconds: float) -> float:
@@ -74,13 +91,21 @@ def measure(tokens: int, seconds: float) -> dict[str, dict[str, float]]:
     return results
 
 
+def model_mix(per_shape: dict[str, dict[str, float]], precision: str) -> float:
+    """GFLOP/s of the model's own products in their proportions: total FLOPs over the sum of each shape's time."""
+    flops = sum(MODEL_MIX.values())
+    seconds = sum(weight / per_shape[name][precision] for name, weight in MODEL_MIX.items())
+    return round(flops / seconds, 1)
+
+
 def summarise(per_shape: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The peak of each precision: the best shape. MFU divides by this, so it never flatters."""
-    return {
-        "fp32_gflops": max(r["fp32"] for r in per_shape.values()),
-        "bf16_gflops": max(r["bf16"] for r in per_shape.values()),
-        "bf16_autocast_linear_gflops": max(r["bf16_autocast_linear"] for r in per_shape.values()),
-    }
+    """Per precision: the best of the model's shapes (the peak) and the model's mix of shapes."""
+    model_shapes = [r for name, r in per_shape.items() if name in MODEL_MIX]
+    summary = {}
+    for precision in ("fp32", "bf16", "bf16_autocast_linear"):
+        summary[f"{precision}_gflops"] = max(r[precision] for r in model_shapes)
+        summary[f"{precision}_model_mix_gflops"] = model_mix(per_shape, precision)
+    return summary
 
 
 def main() -> None:

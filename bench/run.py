@@ -234,9 +234,10 @@ def add_derived(outcomes: list[Outcome], peak: dict[str, Any]) -> None:
     for o in outcomes:
         loop = o.record.get("train_loop", {})
         gflops = loop.get("achieved_gflops")
-        peak_gflops = peak["peak"]["bf16_gflops" if o.run.bf16 else "fp32_gflops"]
+        precision = "bf16" if o.run.bf16 else "fp32"
         if gflops is not None:
-            o.record["mfu"] = round(gflops / peak_gflops, 4)
+            o.record["mfu"] = round(gflops / peak["peak"][f"{precision}_gflops"], 4)
+            o.record["mfu_model_mix"] = round(gflops / peak["peak"][f"{precision}_model_mix_gflops"], 4)
         base = by_name.get(o.run.baseline or "")
         if not base or "train_loop" not in base or "train_loop" not in o.record:
             continue
@@ -319,7 +320,7 @@ def phase_rows(outcomes: list[Outcome]) -> list[str]:
 
 
 def markdown(outcomes: list[Outcome], peak: dict[str, Any], hardware: dict[str, Any], started: str) -> str:
-    v = hardware["versions"]
+    v, pk = hardware["versions"], peak["peak"]
     lines = [
         "# DPO benchmark: dpokit vs TRL",
         "",
@@ -327,9 +328,12 @@ def markdown(outcomes: list[Outcome], peak: dict[str, Any], hardware: dict[str, 
         f"{hardware['memory_gib']} GiB; torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
         f"peft {v['peft']}, accelerate {v['accelerate']}; commit {hardware.get('git_commit')}.",
         "",
-        f"Matmul peak ({peak['threads']} threads, best shape): fp32 {peak['peak']['fp32_gflops']} GFLOP/s, "
-        f"bf16 {peak['peak']['bf16_gflops']} GFLOP/s (bf16 `F.linear` under autocast, casts included: "
-        f"{peak['peak']['bf16_autocast_linear_gflops']} GFLOP/s).",
+        f"Matmul peak ({peak['threads']} threads, best of the model's shapes, the MFU denominator): fp32 "
+        f"{pk['fp32_gflops']} GFLOP/s, bf16 {pk['bf16_gflops']} GFLOP/s; the model's mix of shapes: fp32 "
+        f"{pk['fp32_model_mix_gflops']}, bf16 {pk['bf16_model_mix_gflops']} GFLOP/s; bf16 `F.linear` under "
+        f"autocast (casts included): best {pk['bf16_autocast_linear_gflops']}, mix "
+        f"{pk['bf16_autocast_linear_model_mix_gflops']} GFLOP/s. Other cores busy while measuring: "
+        f"{peak['load']['other_cores']}.",
         "",
         "Model `builtin:smollm2-135m-instruct`, LoRA r=16 alpha=32 dropout 0.05 on all linear layers, beta 0.1, "
         "synthetic conversational pairs (`bench/synthetic.py`), each pair trained once; pairs/s and tokens/s over "
