@@ -19,6 +19,7 @@ import datetime as dt
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -180,20 +181,45 @@ def runner_command(run: Run, data: Path, output: Path) -> list[str]:
     return command + [f"--set={s}" for s in run.settings]
 
 
+def run_watched(command: list[str], env: dict[str, str], log: Path, args: argparse.Namespace) -> int | None:
+    """Run `command`; stop it early (returns None) if other processes keep over `--abort-cores` cores busy for
+    `--abort-after` seconds, since a run that shares the cores is slowed many times over and will be repeated."""
+    with open(log, "w", encoding="utf-8") as stderr:
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        busy_since: float | None = None
+        while child.poll() is None:
+            watch = measure.LoadWatch(include_children=True).start()
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            other, now = watch.stop()["other_cores"], time.monotonic()
+            busy_since = (busy_since or now) if other > args.abort_cores else None
+            if busy_since is not None and now - busy_since >= args.abort_after:
+                os.killpg(child.pid, signal.SIGTERM)  # the runner and, for dpokit, its own child
+                child.wait()
+                return None
+    return child.returncode
+
+
 def execute(run: Run, data: Path, args: argparse.Namespace, scratch: Path) -> Outcome:
+    """Run one configuration until it gets a quiet machine, or the attempts run out (then it is flagged)."""
     outcome = Outcome(run)
     for attempt in range(1, args.retries + 2):
         before = wait_until_quiet(args.max_other_cores, args.max_wait)
-        output = scratch / f"{run.name}-{attempt}.json"
+        output, log = scratch / f"{run.name}-{attempt}.json", scratch / f"{run.name}-{attempt}.log"
         print(f"[{run.name}] attempt {attempt} (other cores before: {before:.2f})", flush=True)
         started = time.time()
-        child = subprocess.run(
-            runner_command(run, data, output), env=child_env(args.src), capture_output=True, text=True
-        )
+        returncode = run_watched(runner_command(run, data, output), child_env(args.src), log, args)
         process_wall = time.time() - started
-        if child.returncode != 0 or not output.is_file():
-            outcome.record = {"name": run.name, "error": child.stderr.strip()[-3000:]}
-            print(f"[{run.name}] failed:\n{child.stderr.strip()[-3000:]}", flush=True)
+        if returncode is None:
+            outcome.attempts.append({"attempt": attempt, "other_cores_before": before, "aborted": "machine busy"})
+            print(f"[{run.name}] stopped: the machine got busy; will repeat", flush=True)
+            continue
+        if returncode != 0 or not output.is_file():
+            error = log.read_text(encoding="utf-8").strip()[-3000:]
+            outcome.record = {"name": run.name, "error": error}
+            print(f"[{run.name}] failed:\n{error}", flush=True)
             return outcome
         record = json.loads(output.read_text(encoding="utf-8"))
         record["process_wall_s"] = record.get("process_wall_s", round(process_wall, 3))
@@ -203,6 +229,8 @@ def execute(run: Run, data: Path, args: argparse.Namespace, scratch: Path) -> Ou
         if "error" in record or other <= args.max_other_cores:
             break
         print(f"[{run.name}] machine was busy during the run ({other:.2f} other cores); repeating", flush=True)
+    if not outcome.record:
+        outcome.record = {"name": run.name, "error": f"no quiet machine in {len(outcome.attempts)} attempts"}
     outcome.record["contended"] = outcome.record.get("load", {}).get("other_cores", 0.0) > args.max_other_cores
     return outcome
 
@@ -374,7 +402,9 @@ def main() -> None:
     p.add_argument("--list", action="store_true", help="list the runs and exit")
     p.add_argument("--max-other-cores", type=float, default=0.25, help="busiest the machine may be (default 0.25)")
     p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for a quiet machine per run")
-    p.add_argument("--retries", type=int, default=2, help="repeats of a run the machine was busy for")
+    p.add_argument("--retries", type=int, default=4, help="repeats of a run the machine was busy for")
+    p.add_argument("--abort-cores", type=float, default=0.5, help="stop a run when others use more cores than this")
+    p.add_argument("--abort-after", type=float, default=20, help="... for this many seconds in a row")
     p.add_argument("--results", default=str(RESULTS), help="folder for latest.json and latest.md")
     p.add_argument("--src", default=str(REPO / "src"), help="the `src` folder of the dpokit to benchmark")
     args = p.parse_args()
