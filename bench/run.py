@@ -1,6 +1,6 @@
 """The speed and memory benchmark: TRL's DPOTrainer against `dpokit train`, each run in its own process.
 
-    make bench                                   # everything (about half an hour on 2 cores)
+    make bench                                   # everything (about 40 minutes on 2 quiet cores)
     python bench/run.py --only trl-bf16,dpokit-bf16
     python bench/run.py --list
 
@@ -62,9 +62,9 @@ class Run:
         return folder / f"pairs-{self.max_length}-seed{self.seed}-{self.pairs}.jsonl"
 
 
-MAIN = {"max_length": 1024, "batch_size": 4, "steps": 12, "warmup_steps": 2}
-FP32 = {"max_length": 1024, "batch_size": 4, "steps": 6, "warmup_steps": 2, "bf16": False}
-LONG = {"max_length": 2048, "batch_size": 2, "steps": 4, "warmup_steps": 1}
+MAIN = {"max_length": 1024, "batch_size": 4, "steps": 8, "warmup_steps": 2}
+FP32 = {"max_length": 1024, "batch_size": 4, "steps": 4, "warmup_steps": 1, "bf16": False}
+LONG = {"max_length": 2048, "batch_size": 2, "steps": 3, "warmup_steps": 1}
 ALL_SPEED_OFF = ("padding_free=false", "prefix_sharing=false", "group_by_length=false", "logits_chunk_size=1000000")
 
 RUNS = [
@@ -406,7 +406,7 @@ def main() -> None:
     p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for a quiet machine per run")
     p.add_argument("--retries", type=int, default=4, help="repeats of a run the machine was busy for")
     p.add_argument("--abort-cores", type=float, default=0.5, help="stop a run when others use more cores than this")
-    p.add_argument("--abort-after", type=float, default=20, help="... for this many seconds in a row")
+    p.add_argument("--abort-after", type=float, default=45, help="... for this many seconds in a row")
     p.add_argument("--results", default=str(RESULTS), help="folder for latest.json and latest.md")
     p.add_argument("--src", default=str(REPO / "src"), help="the `src` folder of the dpokit to benchmark")
     args = p.parse_args()
