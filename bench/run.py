@@ -382,12 +382,15 @@ def markdown(outcomes: list[Outcome], peak: dict[str, Any], hardware: dict[str, 
     return "\n".join(lines)
 
 
-def merge_previous(outcomes: list[Outcome], path: Path) -> list[Outcome]:
-    """With `--only`, the runs not repeated keep their previous records, so one run can be redone alone."""
+def load_previous(path: Path) -> dict[str, dict[str, Any]]:
+    """The records of an earlier benchmark, by run name, so that `--only` keeps the runs it does not repeat."""
+    if not path.is_file():
+        return {}
+    return {r["run"]["name"]: r for r in json.loads(path.read_text(encoding="utf-8"))["runs"]}
+
+
+def merge_previous(outcomes: list[Outcome], previous: dict[str, dict[str, Any]]) -> list[Outcome]:
     fresh = {o.run.name: o for o in outcomes}
-    previous: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        previous = {r["run"]["name"]: r for r in json.loads(path.read_text(encoding="utf-8"))["runs"]}
     merged = []
     for run in RUNS:
         if run.name in fresh:
@@ -396,6 +399,25 @@ def merge_previous(outcomes: list[Outcome], path: Path) -> list[Outcome]:
             old = previous[run.name]
             merged.append(Outcome(run, record=old["record"], attempts=old["attempts"]))
     return merged
+
+
+def write_results(outcomes: list[Outcome], context: dict[str, Any], folder: Path) -> str:
+    """latest.json and latest.md from this benchmark's runs so far and the earlier records of the others."""
+    merged = merge_previous(outcomes, context["previous"])
+    add_derived(merged, context["peak"])
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {
+        "started": context["started"],
+        "hardware": context["hardware"],
+        "matmul_peak": context["peak"],
+        "runs": [
+            {"run": asdict(o.run), "skipped": o.skipped, "attempts": o.attempts, "record": o.record} for o in merged
+        ],
+    }
+    (folder / "latest.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    text = markdown(merged, context["peak"], context["hardware"], context["started"])
+    (folder / "latest.md").write_text(text, encoding="utf-8")
+    return text
 
 
 def main() -> None:
@@ -419,10 +441,14 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown run(s): {', '.join(sorted(unknown))}; --list shows them")
 
-    started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    hardware = measure.hardware()
+    results = Path(args.results)
+    context: dict[str, Any] = {
+        "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "hardware": measure.hardware(),
+        "previous": load_previous(results / "latest.json"),
+    }
     print("measuring the matmul peak", flush=True)
-    peak = measure_peak(args)
+    context["peak"] = measure_peak(args)
     have_dpokit = dpokit_train_exists(args.src)
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -435,22 +461,8 @@ def main() -> None:
             if not data.is_file():
                 synthetic.write_jsonl(synthetic.generate(run.pairs, run.seed, run.max_length), data)
             outcomes.append(execute(run, data, args, scratch))
-    results = Path(args.results)
-    outcomes = merge_previous(outcomes, results / "latest.json")
-    add_derived(outcomes, peak)
-    results.mkdir(parents=True, exist_ok=True)
-    document = {
-        "started": started,
-        "hardware": hardware,
-        "matmul_peak": peak,
-        "runs": [
-            {"run": asdict(o.run), "skipped": o.skipped, "attempts": o.attempts, "record": o.record} for o in outcomes
-        ],
-    }
-    (results / "latest.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    text = markdown(outcomes, peak, hardware, started)
-    (results / "latest.md").write_text(text, encoding="utf-8")
-    print(text)
+            write_results(outcomes, context, results)  # after every run: a stopped benchmark keeps what it measured
+    print(write_results(outcomes, context, results))
 
 
 if __name__ == "__main__":
