@@ -46,7 +46,7 @@ SUMMARY_KEYS = {
     "peak_memory_mb": ("peak_memory_mb", "peak_memory_mib", "peak_rss_mib"),
 }
 # Per-step clock in metrics.jsonl, first match wins: epoch seconds, or seconds since the loop began.
-CLOCK_KEYS = ("time", "elapsed", "runtime")
+CLOCK_KEYS = ("time", "elapsed", "runtime", "train_seconds")
 
 
 def parse_args() -> argparse.Namespace:

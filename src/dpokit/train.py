@@ -196,7 +196,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     runtime: float = 0.0
     pairs: float = 0.0
-    tokens: float = 0.0
+    tokens: float = 0.0  # prompt + response tokens trained on, the prompt counted once per response (TRL's count)
     window: dict[str, Any] | None = None  # the open logging window
 
 
@@ -382,7 +382,8 @@ def loop(run: Run, state: TrainState, stop: StopRequest) -> None:
             if (step % cfg.logging_steps == 0 or last) and window.steps:
                 means = window.means(acc)
                 row = {"step": step, "epoch": schedule.epoch(step), **means, "learning_rate": learning_rate}
-                log_row(run, {**row, "grad_norm": stats["grad_norm"]})
+                timing = {"num_tokens": state.tokens, "train_seconds": round(state.runtime, 3)}
+                log_row(run, {**row, "grad_norm": stats["grad_norm"], **timing})
                 window = MetricWindow()
             if run.eval_set is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last):
                 log_row(run, {"step": step, "epoch": schedule.epoch(step), **evaluate(run)})
@@ -423,7 +424,8 @@ def train_step(run: Run, step: int, window: MetricWindow) -> dict[str, float]:
             acc.backward((losses * w_t).sum() * scale)
         window.add(values, w_t)
         loss_sum += float((losses.detach() * w_t).sum())
-        tokens += batch.num_tokens
+        # counted as TRL counts them: each response with its own copy of the prompt, whatever the layout ran
+        tokens += sum(run.train_set.pairs[i].num_tokens for i, weight in zip(idx, w, strict=True) if weight)
     params = [p for p in run.policy.parameters() if p.requires_grad]
     grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
     local = torch.tensor([loss_sum, sum(weights), tokens], dtype=torch.float64, device=acc.device)
