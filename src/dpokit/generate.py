@@ -523,9 +523,10 @@ def _run_batches(
 class ProgressBar:
     """A rich progress bar of answers sampled, with answers per second; a no-op when hidden."""
 
-    def __init__(self, total: int, visible: bool) -> None:
+    def __init__(self, total: int, visible: bool, label: str = "sampling") -> None:
         self.total = total
         self.visible = visible and total > 0
+        self.label = label
         self._progress: Any = None
 
     def __enter__(self) -> Callable[[int], None]:
@@ -535,7 +536,7 @@ class ProgressBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn("sampling"),
+            TextColumn(self.label),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("answers"),
@@ -544,7 +545,7 @@ class ProgressBar:
             console=Console(stderr=True),
         )
         self._progress.start()
-        task = self._progress.add_task("sampling", total=self.total, rate="")
+        task = self._progress.add_task(self.label, total=self.total, rate="")
         started = time.perf_counter()
         done = [0]
 

@@ -80,6 +80,11 @@ def split_topics(split: str) -> tuple[str, ...]:
     return tuple(shuffled[start:stop])
 
 
+def prompt_count(split: str) -> int:
+    """How many distinct prompts `split` has: templates x its topics x word ranges."""
+    return len(TEMPLATES) * len(split_topics(split)) * (HIGHEST - RANGE_WIDTH - LOWEST + 1)
+
+
 def make_prompts(split: str, count: int, seed: int) -> list[str]:
     """`count` distinct prompts of `split`, the same for the same seed.
 
@@ -87,7 +92,7 @@ def make_prompts(split: str, count: int, seed: int) -> list[str]:
     """
     topics = split_topics(split)
     lows = range(LOWEST, HIGHEST - RANGE_WIDTH + 1)
-    available = len(TEMPLATES) * len(topics) * len(lows)
+    available = prompt_count(split)
     if not 0 <= count <= available:
         raise ValueError(f"split {split!r} has {available} distinct prompts; asked for {count}")
     rng = random.Random(f"{split}:{seed}")
