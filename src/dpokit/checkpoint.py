@@ -166,6 +166,8 @@ def load_checkpoint(
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "data_stats.json", CHECKPOINTS, "adapter", "model")
+# what later commands leave in a run folder; replaced with the run, so a report never mixes two runs
+RUN_EXTRAS = ("tensorboard", "eval.json", "vibe.jsonl", "compare", "report.html", "dpokit.json")
 
 
 def prepare_output_dir(
@@ -194,7 +196,7 @@ def prepare_output_dir(
     if is_main:
         write_probe(output_dir)
         if overwrite:
-            for name in existing:
+            for name in existing + [n for n in RUN_EXTRAS if (output_dir / n).exists()]:
                 target = output_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
         clean_incomplete(output_dir)

@@ -234,7 +234,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         default="reject",
         help="implicit-prompt rows that differ before the last assistant turn: reject them (default) or trim them back",
     )
-    p.add_argument("--min-score-margin", type=float, default=0.0, help="rated responses: least score gap for a pair")
+    p.add_argument("--min-score-margin", type=float, default=0.0, help="rated responses: a pair needs a score gap of more than this")
     p.add_argument(
         "--max-bad-rows",
         type=int,
@@ -332,7 +332,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "The reference: with --adapter, the same base model with the adapter switched off (as in LoRA training); "
         "for a fully fine-tuned --model, the model it started from, given with --reference. beta and the length "
         "limits default to those in the adapter's run folder (config.yaml), else to the training defaults. When "
-        "the adapter sits in a run folder the JSON is also written to RUN_DIR/eval.json for `dpokit report`.\n\n"
+        "the adapter sits in a run folder and no --output is given, the JSON is also written to RUN_DIR/eval.json for "
+        "`dpokit report`.\n\n"
         "examples:\n"
         "  dpokit eval --adapter runs/dpo/adapter --data test.jsonl\n"
         "  dpokit eval --model runs/full --reference builtin:smollm2-135m-instruct --data test.jsonl --beta 0.1",
@@ -357,7 +358,7 @@ def _add_answering_options(p: argparse.ArgumentParser, temperature: float, max_n
     p.add_argument(
         "--max-new-tokens", type=int, default=max_new_tokens, help=f"longest answer (default {max_new_tokens})"
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; compare also seeds its bootstrap with it (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
 

@@ -92,7 +92,7 @@ class DPOConfig:
     multi_turn: str = option(
         "reject",
         "Implicit-prompt rows whose conversations differ before the last assistant turn: `reject` them with the "
-        "reason, or `trim` both back to the last turn they share.",
+        "reason, or `trim` them to the turns they share plus the first assistant turn where they differ.",
         "data",
         choices=("reject", "trim"),
     )
@@ -176,8 +176,8 @@ class DPOConfig:
     disable_dropout: bool = option(True, "Turn dropout off in the model, as TRL does.", "train")
     max_nonfinite_steps: int = option(
         5,
-        "A step whose loss or gradient is NaN or inf is skipped; after this many in a row the run stops and "
-        "saves its last good state.",
+        "A step whose loss or gradient is NaN or inf is skipped; when more than this many come in a row the run "
+        "stops and saves its last good state.",
         "train",
     )
 

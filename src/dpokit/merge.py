@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dpokit.errors import UserError
+from dpokit.errors import RunStopped, UserError
 from dpokit.inference import adapter_base_model
 from dpokit.outputs import ensure_writable
 
@@ -80,7 +80,10 @@ def merge_adapter(adapter_dir: str, output_dir: str, model_name: str | None = No
     max_logit = unmerged.abs().max().item()
     check = MergeCheck((merged - unmerged).abs().max().item(), max_logit, MERGE_RELATIVE_TOLERANCE * max(1, max_logit))
     if not check.passed:
-        raise RuntimeError(f"merged logits differ from the adapter's by {check.max_abs_diff:.3g} (> {check.tolerance})")
+        raise RunStopped(
+            f"merge stopped: merged logits differ from the adapter's by {check.max_abs_diff:.3g} "
+            f"(> {check.tolerance}); nothing was written to {output}"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
