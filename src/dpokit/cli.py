@@ -234,7 +234,12 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         default="reject",
         help="implicit-prompt rows that differ before the last assistant turn: reject them (default) or trim them back",
     )
-    p.add_argument("--min-score-margin", type=float, default=0.0, help="rated responses: a pair needs a score gap of more than this")
+    p.add_argument(
+        "--min-score-margin",
+        type=float,
+        default=0.0,
+        help="rated responses: a pair needs a score gap of more than this",
+    )
     p.add_argument(
         "--max-bad-rows",
         type=int,
@@ -358,7 +363,9 @@ def _add_answering_options(p: argparse.ArgumentParser, temperature: float, max_n
     p.add_argument(
         "--max-new-tokens", type=int, default=max_new_tokens, help=f"longest answer (default {max_new_tokens})"
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; compare also seeds its bootstrap with it (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="sampling seed; compare also seeds its bootstrap with it (default 0)"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
 
