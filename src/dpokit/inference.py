@@ -15,7 +15,7 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,10 +179,15 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
 
 
 def answer_questions(
-    model: Any, tokenizer: Any, questions: Sequence[Question], settings: SamplingSettings, bf16: bool | None = None
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[Question],
+    settings: SamplingSettings,
+    bf16: bool | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[list[str]]:
     """Each question's answers, one per turn; a later turn is asked in the conversation holding the earlier
-    answers of the same model, as MT-Bench does."""
+    answers of the same model, as MT-Bench does. `on_batch(n)` reports n answers done."""
     device = next(model.parameters()).device
     conversations = [list(q.context) for q in questions]
     answers: list[list[str]] = [[] for _ in questions]
@@ -191,7 +196,7 @@ def answer_questions(
         for i in active:
             conversations[i].append({"role": "user", "content": questions[i].turns[turn]})
         with autocast_for(device, bf16):
-            outputs = generate_responses(model, tokenizer, [conversations[i] for i in active], settings)
+            outputs = generate_responses(model, tokenizer, [conversations[i] for i in active], settings, on_batch)
         for i, samples in zip(active, outputs, strict=True):
             answers[i].append(samples[0])
             conversations[i].append({"role": "assistant", "content": samples[0]})

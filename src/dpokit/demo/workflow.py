@@ -28,6 +28,7 @@ import yaml
 
 from dpokit.demo import task
 from dpokit.errors import UserError
+from dpokit.outputs import write_jsonl
 
 log = logging.getLogger("dpokit")
 
@@ -99,6 +100,10 @@ class Layout:
         return self.root / "run"
 
     @property
+    def adapter(self) -> Path:
+        return self.run / "adapter"
+
+    @property
     def compare(self) -> Path:
         return self.run / "compare"
 
@@ -114,23 +119,31 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     settings.check()
-    result = run_demo(Path(args.output), settings)
-    print_summary(result, Path(args.output))
+    output = Path(args.output)
+    print_summary(run_demo(output, settings), output)
     return 0
 
 
 def run_demo(output: Path, settings: DemoSettings) -> dict[str, Any]:
     """All five stages into `output`; returns what result.json holds."""
+    from dpokit.generate import read_rows
+    from dpokit.inference import load_for_inference, load_questions
+    from dpokit.report import write_report
+    from dpokit.sampling import SamplingSettings
+
     started = time.perf_counter()
     where = prepare_folder(output, settings)
     write_prompts(where, settings)
+    heldout = load_questions(str(where.heldout_prompts))
+    greedy = SamplingSettings(
+        temperature=0.0, max_new_tokens=settings.eval_max_new_tokens, batch_size=settings.generation_batch_size
+    )
 
     stage(1, f"generate: {settings.samples} answers to each of {settings.train_prompts} training prompts, judged")
-    heldout = load_heldout(where)
-    model, tokenizer = load_model(settings.model)
+    model, tokenizer = load_for_inference(settings.model, None)
     make_pairs(where, settings, model, tokenizer)
     stage(2, f"baseline: the base model answers {len(heldout)} held-out prompts")
-    base_answers = answer(model, tokenizer, heldout, settings, "base answers")
+    base_answers = answer(model, tokenizer, heldout, greedy, "base answers")
     del model
     gc.collect()
 
@@ -138,16 +151,15 @@ def run_demo(output: Path, settings: DemoSettings) -> dict[str, Any]:
     train_summary = train_on_pairs(where, settings)
 
     stage(4, "compare: the aligned model answers the same held-out prompts; the judge scores both, in both orders")
-    model, tokenizer = load_model(settings.model, where.run / "adapter")
-    aligned_answers = answer(model, tokenizer, heldout, settings, "aligned answers")
+    model, tokenizer = load_for_inference(settings.model, str(where.adapter))
+    aligned_answers = answer(model, tokenizer, heldout, greedy, "aligned answers")
     del model
     gc.collect()
-    comparison = judge_comparison(where, settings, heldout, base_answers, aligned_answers)
+    comparison = judge_comparison(where, settings, greedy, heldout, base_answers, aligned_answers)
 
     stage(5, "report")
     prompts = [q.turns[0] for q in heldout]
     write_vibe(where, heldout, base_answers, aligned_answers)
-    from dpokit.report import write_report
 
     report = write_report(where.run)
     result = {
@@ -163,7 +175,7 @@ def run_demo(output: Path, settings: DemoSettings) -> dict[str, Any]:
         "metric_after": task.in_range_rate(prompts, [a[0] for a in aligned_answers]),
         "mean_words_before": mean_words(base_answers),
         "mean_words_after": mean_words(aligned_answers),
-        "train_pairs": count_rows(where.pairs),
+        "train_pairs": len(read_rows(where.pairs, repair=False)),
         "heldout_prompts": len(heldout),
         "train_steps": train_summary.get("steps"),
         "minutes": round((time.perf_counter() - started) / 60, 2),
@@ -172,7 +184,7 @@ def run_demo(output: Path, settings: DemoSettings) -> dict[str, Any]:
             "pairs": str(where.pairs),
             "config": str(where.config),
             "run": str(where.run),
-            "adapter": str(where.run / "adapter"),
+            "adapter": str(where.adapter),
             "comparison": str(where.compare),
             "report": str(report),
         },
@@ -196,18 +208,18 @@ def prepare_folder(output: Path, settings: DemoSettings) -> Layout:
     if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
         names = ", ".join(sorted(p.name for p in output.iterdir())[:3])
         raise UserError(f"--output {output} holds other files ({names}); choose a new or empty folder")
+    from dpokit.generate import skipped_path
+
     where = Layout(output)
     marker = output / MARKER
     previous = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+    remake = [where.run, output / RESULT, where.config]
+    if previous != asdict(settings):
+        remake += [where.pairs, skipped_path(where.pairs), where.train_prompts.parent]
     try:
         output.mkdir(parents=True, exist_ok=True)
-        for name in ("run", RESULT, "train.yaml"):
-            target = output / name
+        for target in remake:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        if previous != asdict(settings):
-            for name in ("pairs.jsonl", "pairs.skipped.jsonl", "prompts"):
-                target = output / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         marker.write_text(json.dumps(asdict(settings), indent=2) + "\n", encoding="utf-8")
     except OSError as e:
         raise UserError(f"--output {output} cannot be written: {e.strerror or e}") from e
@@ -226,21 +238,9 @@ def write_prompts(where: Layout, settings: DemoSettings) -> None:
     )
 
 
-def load_heldout(where: Layout) -> list[Any]:
-    from dpokit.inference import load_questions
-
-    return load_questions(str(where.heldout_prompts))
-
-
-def load_model(model: str, adapter: Path | None = None) -> tuple[Any, Any]:
-    from dpokit.inference import load_for_inference
-
-    return load_for_inference(model, None if adapter is None else str(adapter))
-
-
 def make_pairs(where: Layout, settings: DemoSettings, model: Any, tokenizer: Any) -> Any:
     """Stage 1, as `dpokit generate --judge python:dpokit.demo.task:judge` runs it."""
-    from dpokit.generate import PairingSettings, generate_pairs, skipped_path
+    from dpokit.generate import PairingSettings, generate_pairs, read_rows, skipped_path
     from dpokit.judges import load_judge
     from dpokit.prompts import load_prompts
     from dpokit.sampling import SamplingSettings
@@ -267,25 +267,18 @@ def make_pairs(where: Layout, settings: DemoSettings, model: Any, tokenizer: Any
     finally:
         judge.close()
     print(summary.line(), file=sys.stderr)
-    if count_rows(where.pairs) == 0:
+    if not read_rows(where.pairs, repair=False):
         raise UserError(f"no training pairs were made; the reason for each prompt is in {skipped_path(where.pairs)}")
     return summary
 
 
-def answer(model: Any, tokenizer: Any, questions: list[Any], settings: DemoSettings, label: str) -> list[list[str]]:
-    """Greedy answers, one per held-out prompt, with a progress bar."""
+def answer(model: Any, tokenizer: Any, questions: list[Any], greedy: Any, label: str) -> list[list[str]]:
+    """Greedy answers to the held-out prompts, as `dpokit compare` makes them, with a progress bar."""
     from dpokit.generate import ProgressBar
-    from dpokit.models import autocast_for
-    from dpokit.sampling import SamplingSettings, generate_responses
+    from dpokit.inference import answer_questions
 
-    greedy = SamplingSettings(
-        temperature=0.0, max_new_tokens=settings.eval_max_new_tokens, batch_size=settings.generation_batch_size
-    )
-    conversations = [[*q.context, {"role": "user", "content": q.turns[0]}] for q in questions]
     with ProgressBar(len(questions), visible=True, label=label) as advance:
-        with autocast_for(next(model.parameters()).device, None):
-            answers = generate_responses(model, tokenizer, conversations, greedy, on_batch=advance)
-    return [[a[0]] for a in answers]
+        return answer_questions(model, tokenizer, questions, greedy, on_batch=advance)
 
 
 def train_config(where: Layout, settings: DemoSettings) -> dict[str, Any]:
@@ -321,6 +314,7 @@ def train_on_pairs(where: Layout, settings: DemoSettings) -> dict[str, Any]:
 def judge_comparison(
     where: Layout,
     settings: DemoSettings,
+    greedy: Any,
     questions: list[Any],
     base_answers: list[list[str]],
     aligned_answers: list[list[str]],
@@ -335,10 +329,9 @@ def judge_comparison(
         write_comparison,
     )
     from dpokit.judges import load_judge
-    from dpokit.sampling import SamplingSettings
 
     base = Contestant(settings.model, None, contestant_id(settings.model, None))
-    aligned = Contestant(settings.model, str(where.run / "adapter"), "demo-dpo")
+    aligned = Contestant(settings.model, str(where.adapter), "demo-dpo")
     judge = load_judge(JUDGE)
     try:
         records = [
@@ -347,7 +340,6 @@ def judge_comparison(
         ]
     finally:
         judge.close()
-    greedy = SamplingSettings(temperature=0.0, max_new_tokens=settings.eval_max_new_tokens)
     summary = comparison_summary(records, base, aligned, JUDGE, greedy, settings.seed)
     write_comparison(where.compare, records, base, aligned, summary)
     print_comparison(summary)
@@ -374,16 +366,8 @@ def write_vibe(where: Layout, questions: list[Any], base: list[list[str]], align
 # --- helpers ------------------------------------------------------------------------------------------------------
 
 
-def count_rows(path: Path) -> int:
-    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
-
-
 def mean_words(answers: list[list[str]]) -> float:
     return sum(task.count_words(a[0]) for a in answers) / len(answers)
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def print_summary(result: dict[str, Any], output: Path) -> None:
