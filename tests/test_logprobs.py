@@ -7,14 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from conftest import conversational_rows
+from dpokit import attention
 from dpokit.data.collate import collate
 from dpokit.data.encode import encode_pairs
 from dpokit.data.formats import as_text_pair
-from dpokit.logprobs import SequenceLogps, selective_log_softmax, sequence_logps_reference
+from dpokit.logprobs import SequenceLogps, head_logps, selective_log_softmax, sequence_logps_reference
 from dpokit.models import add_lora
 from tiny import build_model, build_tokenizer
 
 LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
+
+
+def make_model(tokenizer, segment_attention: bool):
+    """The tiny model, running packed layouts one segment at a time or through one dense masked pass."""
+    model = build_model(len(tokenizer))
+    assert attention.enable(model) if segment_attention else not attention.enabled(model)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +39,21 @@ def test_selective_log_softmax_matches_naive() -> None:
     index = torch.randint(0, 31, (5, 7))
     naive = torch.gather(logits.log_softmax(-1), -1, index.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(selective_log_softmax(logits, index), naive, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("head_is_trained", [False, True])
+def test_head_logps_gradients_match_autograd(with_bias: bool, head_is_trained: bool) -> None:
+    """Both hand-written backwards of the chunked head (frozen: the Jacobian kept from forward; trained: logits
+    recomputed) against numerical gradients, and the values against the naive gather(log_softmax)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=head_is_trained)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=head_is_trained) if with_bias else None
+    targets = torch.randint(0, 11, (6,))
+    assert torch.autograd.gradcheck(lambda h, w, b: head_logps(h, w, b, targets), (hidden, weight, bias))
+    naive = F.linear(hidden, weight, bias).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    assert torch.allclose(head_logps(hidden, weight, bias, targets), naive, atol=1e-12)
 
 
 def test_reference_equals_hand_computed_sum(setup) -> None:
@@ -51,10 +74,13 @@ def test_reference_equals_hand_computed_sum(setup) -> None:
 
 @pytest.mark.parametrize(("padding_free", "prefix_sharing"), LAYOUTS)
 @pytest.mark.parametrize("chunk_size", [1, 7, 4096])
-def test_layouts_match_the_plain_path(setup, padding_free: bool, prefix_sharing: bool, chunk_size: int) -> None:
+@pytest.mark.parametrize("segment_attention", [False, True])
+def test_layouts_match_the_plain_path(
+    setup, padding_free: bool, prefix_sharing: bool, chunk_size: int, segment_attention: bool
+) -> None:
     """Tolerance 1e-4 in fp32 (sums of ~50 token log-probs near -5 each)."""
     tokenizer, pairs = setup
-    model = build_model(len(tokenizer))
+    model = make_model(tokenizer, segment_attention)
     with torch.no_grad():
         expected = sequence_logps_reference(model, collate(pairs, tokenizer.pad_token_id))
         batch = collate(pairs, tokenizer.pad_token_id, padding_free=padding_free, prefix_sharing=prefix_sharing)
@@ -74,12 +100,16 @@ def test_packing_and_sharing_save_tokens(setup) -> None:
 
 
 @pytest.mark.parametrize(("padding_free", "prefix_sharing"), LAYOUTS[1:])
-def test_lora_gradients_match_the_plain_path(setup, padding_free: bool, prefix_sharing: bool) -> None:
-    """The loss gradient through packing, sharing and the recomputed chunked head equals the plain one."""
+@pytest.mark.parametrize("segment_attention", [False, True])
+def test_lora_gradients_match_the_plain_path(
+    setup, padding_free: bool, prefix_sharing: bool, segment_attention: bool
+) -> None:
+    """The loss gradient through packing, sharing, segment attention and the recomputed chunked head equals the
+    plain one."""
     tokenizer, pairs = setup
     grads = []
     for fast in (False, True):
-        model = add_lora(build_model(len(tokenizer)), 4, 8, 0.0, ["all-linear"], seed=0)
+        model = add_lora(make_model(tokenizer, fast and segment_attention), 4, 8, 0.0, ["all-linear"], seed=0)
         with torch.no_grad():  # move LoRA off its zero init so its gradients flow through both factors
             for name, p in model.named_parameters():
                 if "lora_B" in name:

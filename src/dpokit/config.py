@@ -239,6 +239,12 @@ class DPOConfig:
         "Run each prompt once for its chosen and rejected responses (rejected tokens cannot see chosen ones).",
         "speed",
     )
+    segment_attention: bool = option(
+        True,
+        "With padding_free or prefix_sharing, attention runs one sequence at a time with causal kernels (fp32 on "
+        "CPU) instead of one masked pass over each whole row. Needs attn_implementation=sdpa.",
+        "speed",
+    )
     group_by_length: bool = option(
         True,
         "Within each optimizer step, batch pairs of similar length together (the step's gradient is unchanged).",

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from dpokit import attention
 from dpokit.data.collate import Batch
 
 IGNORE_INDEX = -100  # label of prompt and padding positions in the padded reference layout
@@ -39,10 +39,10 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
 
 
 def sequence_logps_reference(model: Any, batch: Batch) -> SeqLogps:
-    """The plain definition, on the padded layout: full logits, labels shifted by one, masked sum."""
+    """The plain definition: full logits, labels shifted by one, masked sum (any layout, with a dense mask)."""
     logits = model(
         input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=batch.attention_mask if batch.segments is None else batch.dense_mask(),
         position_ids=batch.position_ids,
         use_cache=False,
     ).logits  # (R, T, V)
@@ -59,24 +59,74 @@ def sequence_logps_reference(model: Any, batch: Batch) -> SeqLogps:
     return split_sequences(per_sequence, batch.lengths.to(logits.device), batch.num_pairs)
 
 
-def _chunk_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return selective_log_softmax(head(hidden), targets)  # (n, V) logits live only inside this call
+class HeadLogps(torch.autograd.Function):
+    """selective_log_softmax(hidden @ weight.T + bias, targets) for one chunk of positions, in `hidden`'s dtype.
 
-
-class _FrozenHead:
-    """A frozen output head under autocast, with its weight cast once instead of on every chunk.
-
-    Autocast caches its casts only for weights that require grad; a frozen head (LoRA) would be cast anew for
-    every chunk and again in every backward recompute. The values are the ones autocast would produce.
+    Each log-prob depends on its own position's hidden state only, so with a frozen head (LoRA) the forward pass
+    also computes d logp / d hidden = W[target] - softmax @ W, (n, H), and keeps only that: backward is one multiply,
+    and the (n, V) logits exist only inside the forward. A trainable head keeps hidden states and log-sum-exps
+    instead, and its backward recomputes the logits and turns them into their gradient in place.
     """
 
-    def __init__(self, head: torch.nn.Linear, dtype: torch.dtype) -> None:
-        self.weight = head.weight.detach().to(dtype)
-        self.bias = None if head.bias is None else head.bias.detach().to(dtype)
-        self.dtype = dtype
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    ) -> torch.Tensor:
+        w, b = _cast(weight, bias, hidden.dtype)
+        logits = _fp32(F.linear(hidden, w, b))  # (n, V)
+        logps, lse = _select(logits, targets)
+        ctx.head_is_trained = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        if ctx.head_is_trained:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        else:
+            ctx.save_for_backward(_minus_dlogits(logits, lse, targets).to(hidden.dtype) @ w)
+        return logps
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.to(self.dtype), self.weight, self.bias)
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not ctx.head_is_trained:
+            (minus_jacobian,) = ctx.saved_tensors
+            return -grad[:, None].to(minus_jacobian.dtype) * minus_jacobian, None, None, None
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        w, b = _cast(weight, bias, hidden.dtype)
+        dlogits = _minus_dlogits(_fp32(F.linear(hidden, w, b)), lse, targets).mul_(-grad[:, None]).to(hidden.dtype)
+        need = ctx.needs_input_grad
+        grad_hidden = dlogits @ w if need[0] else None
+        grad_weight = (dlogits.T @ hidden).to(weight.dtype) if need[1] else None
+        grad_bias = dlogits.sum(0).to(bias.dtype) if bias is not None and need[2] else None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _cast(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> tuple[Any, Any]:
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _select(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_softmax(logits)[targets], logsumexp(logits)), as `selective_log_softmax` computes them."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse, lse
+
+
+def _minus_dlogits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """softmax - one-hot = -(d logp[target] / d logits), written over `logits`."""
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(len(targets), device=probs.device), targets] -= 1.0
+    return probs
+
+
+def head_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    """(n,) fp32 log-probs of `targets` under the output layer, computed in `hidden`'s dtype; in training through
+    `HeadLogps`, whose backward recomputes the chunk's logits instead of keeping them."""
+    params = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+        return HeadLogps.apply(hidden, weight, bias, targets)
+    return _select(_fp32(F.linear(hidden, *_cast(weight, bias, hidden.dtype))), targets)[0]
 
 
 class SequenceLogps(torch.nn.Module):
@@ -89,39 +139,45 @@ class SequenceLogps(torch.nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        self._frozen_head: _FrozenHead | None = None
+        self._frozen_head: tuple[Any, ...] | None = None
+        self.segment_attention = attention.enabled(self._causal_lm())
 
     def _causal_lm(self) -> Any:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def _head(self, lm_head: torch.nn.Linear, device: torch.device) -> Any:
-        if lm_head.weight.requires_grad or not torch.is_autocast_enabled(device.type):
-            return lm_head
+    def _head(self, lm_head: torch.nn.Linear, device: torch.device) -> tuple[Any, ...]:
+        """The head's weight, bias and the dtype its matmul runs in: autocast's if on, as autocast would run it."""
+        if not torch.is_autocast_enabled(device.type):
+            return lm_head.weight, lm_head.bias, lm_head.weight.dtype
         dtype = torch.get_autocast_dtype(device.type)
-        if self._frozen_head is None or self._frozen_head.dtype != dtype:
-            self._frozen_head = _FrozenHead(lm_head, dtype)
+        if lm_head.weight.requires_grad:
+            return lm_head.weight, lm_head.bias, dtype
+        # Autocast caches its casts only for weights that require grad; cast a frozen head once, not per chunk.
+        if self._frozen_head is None or self._frozen_head[2] != dtype:
+            bias = None if lm_head.bias is None else lm_head.bias.detach().to(dtype)
+            self._frozen_head = (lm_head.weight.detach().to(dtype), bias, dtype)
         return self._frozen_head
 
     def forward(self, batch: Batch) -> SeqLogps:
         causal_lm = self._causal_lm()
         backbone = causal_lm.get_decoder()
-        lm_head = self._head(causal_lm.get_output_embeddings(), batch.input_ids.device)
+        weight, bias, dtype = self._head(causal_lm.get_output_embeddings(), batch.input_ids.device)
+        if batch.segments is None:
+            layout = {"attention_mask": batch.attention_mask}
+        elif self.segment_attention:
+            layout = {"attention_mask": None, "segments": batch.segments}
+        else:
+            layout = {"attention_mask": batch.dense_mask()}
         hidden = backbone(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **layout
         ).last_hidden_state  # (R, T, H)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[batch.target_index]  # (N, H): response positions only
-        chunks = []
-        for start in range(0, hidden.shape[0], self.chunk_size):
-            h = hidden[start : start + self.chunk_size]
-            t = batch.target_ids[start : start + self.chunk_size]
-            if torch.is_grad_enabled() and h.requires_grad:
-                # recompute this chunk's logits in backward rather than keep (n, V) of them alive
-                chunks.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
-            else:
-                chunks.append(_chunk_logps(lm_head, h, t))
+        hidden = hidden.reshape(-1, hidden.shape[-1])[batch.target_index].to(dtype)  # (N, H): response positions
+        chunks = [
+            head_logps(
+                hidden[start : start + self.chunk_size], weight, bias, batch.target_ids[start : start + self.chunk_size]
+            )
+            for start in range(0, hidden.shape[0], self.chunk_size)
+        ]
         token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
         per_sequence = token_logps.new_zeros(2 * batch.num_pairs).index_add(0, batch.target_seq, token_logps)
         return split_sequences(per_sequence, batch.lengths.to(per_sequence.device), batch.num_pairs)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from dpokit import attention
 from dpokit import checkpoint as ckpt
 from dpokit.config import DPOConfig, load_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
@@ -339,6 +340,8 @@ def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
         cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
     )
     model.config.use_cache = False
+    if cfg.segment_attention and (cfg.padding_free or cfg.prefix_sharing):
+        attention.enable(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_peft:

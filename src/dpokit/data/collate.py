@@ -19,23 +19,33 @@ from dataclasses import dataclass
 
 import torch
 
+from dpokit.attention import Segment
 from dpokit.data.encode import EncodedPair
-
-# Branch of each token inside a segment: the shared prompt, the chosen response or the rejected response.
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
-NO_SEGMENT = -1  # padding
 
 
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (R, T)
     position_ids: torch.Tensor  # (R, T)
-    attention_mask: torch.Tensor  # (R, T) padding mask, or (R, 1, T, T) bool (True = may attend)
+    attention_mask: torch.Tensor  # (R, T) 1 on real tokens, 0 on padding
     target_index: torch.Tensor  # (N,) flat index into R*T of the position whose output predicts each target
     target_ids: torch.Tensor  # (N,)
     target_seq: torch.Tensor  # (N,) sequence of each target: chosen i -> i, rejected i -> B + i
     num_pairs: int  # B
     num_tokens: int  # real tokens fed to the model
+    segments: tuple[Segment, ...] | None = None  # attention islands of packed / shared rows; None: one per row
+
+    def dense_mask(self) -> torch.Tensor:
+        """(R, 1, T, T) bool (True = may attend) for attention kernels that take a mask instead of segments."""
+        rows, width = self.input_ids.shape
+        # A padding query would attend to nothing, which makes softmax NaN; let it see itself.
+        mask = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)
+        for seg in self.segments or ():
+            head, end = seg.start + seg.head, seg.end
+            mask[seg.row, seg.start : head, seg.start : head] = torch.ones(seg.head, seg.head).tril().bool()
+            mask[seg.row, head:end, seg.start : seg.start + seg.prefix] = True
+            mask[seg.row, head:end, head:end] = torch.ones(seg.tail, seg.tail).tril().bool()
+        return mask[:, None].to(self.input_ids.device)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -48,6 +58,7 @@ class Batch:
             *(t.to(device) for t in (self.target_index, self.target_ids, self.target_seq)),
             self.num_pairs,
             self.num_tokens,
+            self.segments,
         )
 
 
@@ -57,8 +68,9 @@ class _Segment:
 
     ids: list[int]
     positions: list[int]
-    branches: list[int]
     targets: list[tuple[int, int, int]]  # (offset of the predicting token in the segment, target id, sequence)
+    head: int  # tokens attending causally; the rest (a shared rejected response) see the prompt and themselves
+    prefix: int  # the prompt's length
 
 
 def _segments(pairs: Sequence[EncodedPair], shared: bool) -> list[_Segment]:
@@ -66,24 +78,21 @@ def _segments(pairs: Sequence[EncodedPair], shared: bool) -> list[_Segment]:
     segments = []
     for i, pair in enumerate(pairs):
         prompt, p = pair.prompt_ids, len(pair.prompt_ids)
-        responses = [(pair.chosen_ids, i, CHOSEN), (pair.rejected_ids, b + i, REJECTED)]
+        responses = [(pair.chosen_ids, i), (pair.rejected_ids, b + i)]
         if shared:
-            ids, positions, branches, targets = list(prompt), list(range(p)), [PROMPT] * p, []
-            for response, seq, branch in responses:
+            ids, positions, targets = list(prompt), list(range(p)), []
+            for response, seq in responses:
                 start = len(ids)
                 # the first response token is predicted by the last prompt token, the rest by their predecessor
                 targets += [(p - 1 if j == 0 else start + j - 1, tok, seq) for j, tok in enumerate(response)]
                 ids += response
                 positions += range(p, p + len(response))
-                branches += [branch] * len(response)
-            segments.append(_Segment(ids, positions, branches, targets))
+            segments.append(_Segment(ids, positions, targets, head=p + len(pair.chosen_ids), prefix=p))
         else:
-            for response, seq, branch in responses:
+            for response, seq in responses:
                 targets = [(p - 1 + j, tok, seq) for j, tok in enumerate(response)]
                 n = p + len(response)
-                segments.append(
-                    _Segment(prompt + response, list(range(n)), [PROMPT] * p + [branch] * len(response), targets)
-                )
+                segments.append(_Segment(prompt + response, list(range(n)), targets, head=n, prefix=p))
     return segments
 
 
@@ -122,9 +131,8 @@ def collate(
     n_rows = len(rows)
     input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
-    segment_of = torch.full((n_rows, width), NO_SEGMENT, dtype=torch.long)
-    branch_of = torch.zeros((n_rows, width), dtype=torch.long)
-    target_index, target_ids, target_seq = [], [], []
+    attention_mask = torch.zeros((n_rows, width), dtype=torch.long)
+    islands, target_index, target_ids, target_seq = [], [], [], []
     for r, row in enumerate(rows):
         offset = 0
         for s in row:
@@ -132,35 +140,22 @@ def collate(
             n = len(seg.ids)
             input_ids[r, offset : offset + n] = torch.tensor(seg.ids)
             position_ids[r, offset : offset + n] = torch.tensor(seg.positions)
-            segment_of[r, offset : offset + n] = s
-            branch_of[r, offset : offset + n] = torch.tensor(seg.branches)
+            attention_mask[r, offset : offset + n] = 1
+            islands.append(Segment(r, offset, seg.head, n - seg.head, seg.prefix if n > seg.head else 0))
             for source, tok, seq in seg.targets:
                 target_index.append(r * width + offset + source)
                 target_ids.append(tok)
                 target_seq.append(seq)
             offset += n
     plain = not padding_free and not prefix_sharing
-    mask = (segment_of != NO_SEGMENT).long() if plain else _attention_mask(segment_of, branch_of)
     return Batch(
         input_ids,
         position_ids,
-        mask,
+        attention_mask,
         torch.tensor(target_index, dtype=torch.long),
         torch.tensor(target_ids, dtype=torch.long),
         torch.tensor(target_seq, dtype=torch.long),
         len(pairs),
         sum(lengths),
+        None if plain else tuple(islands),
     )
-
-
-def _attention_mask(segment_of: torch.Tensor, branch_of: torch.Tensor) -> torch.Tensor:
-    """(R, 1, T, T) bool: causal, within a segment, and never across the chosen / rejected branches."""
-    t = segment_of.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
-    same_segment = segment_of[:, :, None] == segment_of[:, None, :]  # (R, T, T) query x key
-    q_branch, k_branch = branch_of[:, :, None], branch_of[:, None, :]
-    visible_branch = (k_branch == PROMPT) | (k_branch == q_branch)
-    mask = causal & same_segment & visible_branch & (segment_of[:, None, :] != NO_SEGMENT)
-    # A padding query would attend to nothing, which makes softmax NaN; let it see itself.
-    mask |= torch.eye(t, dtype=torch.bool)
-    return mask[:, None]
