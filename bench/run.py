@@ -65,7 +65,13 @@ class Run:
 MAIN = {"max_length": 1024, "batch_size": 4, "steps": 8, "warmup_steps": 2}
 FP32 = {"max_length": 1024, "batch_size": 4, "steps": 4, "warmup_steps": 1, "bf16": False}
 LONG = {"max_length": 2048, "batch_size": 2, "steps": 3, "warmup_steps": 1}
-ALL_SPEED_OFF = ("padding_free=false", "prefix_sharing=false", "group_by_length=false", "logits_chunk_size=1000000")
+ALL_SPEED_OFF = (
+    "padding_free=false",
+    "prefix_sharing=false",
+    "segment_attention=false",
+    "group_by_length=false",
+    "logits_chunk_size=1000000",
+)
 
 RUNS = [
     # --- TRL: the baseline --------------------------------------------------------------------------------------
@@ -95,6 +101,14 @@ RUNS = [
         "prefix_sharing off",
         **MAIN,
         settings=("prefix_sharing=false",),
+        baseline="trl-bf16",
+    ),
+    Run(
+        "dpokit-no-segment-attention",
+        "dpokit",
+        "packed rows through one masked attention pass",
+        **MAIN,
+        settings=("segment_attention=false",),
         baseline="trl-bf16",
     ),
     Run(

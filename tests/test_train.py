@@ -134,6 +134,18 @@ def test_gradient_accumulation_and_layouts_do_not_change_the_step(
     assert moved > 0
 
 
+def test_bf16_step_zero_equals_the_precomputed_reference(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    """The reference pass runs training's own batches, so under bf16 the step-0 policy equals its reference: the
+    loss is log 2 and the rewards are 0, to float precision."""
+    out = tmp_path / "bf16"
+    run_train(*settings(tiny_model_dir, pairs_file, out, "bf16=true", "max_steps=2", "per_device_train_batch_size=3"))
+    first = metrics(out)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+
+
 def test_full_finetuning_saves_a_plain_model(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -204,12 +204,15 @@ class DPOConfig:
     )
     precompute_ref_log_probs: bool = option(
         True,
-        "Compute the reference log-probs once before training, in large no-grad batches, and cache them on disk, "
-        "so no reference weights are held or run during training.",
+        "Compute the reference log-probs once before training, without gradients, and cache them on disk, so no "
+        "reference weights are held or run during training.",
         "dpo",
     )
     precompute_ref_batch_size: int | None = option(
-        None, "Pairs per batch of the reference pass; empty uses 4 x `per_device_eval_batch_size`.", "dpo"
+        None,
+        "Pairs per batch of the reference pass, in length-sorted batches. Empty runs the batches training will "
+        "run (the first epoch's), so under bf16 the policy at step 0 equals its reference exactly.",
+        "dpo",
     )
 
     # --- LoRA ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Where the reference log-probs come from.
 
-- precomputed: one no-grad pass over the data before training, in large length-sorted batches, cached on disk
-  under a key of model and data, so training holds and runs no reference weights at all (the default);
+- precomputed: one no-grad pass over the data before training, cached on disk under a key of model, data and
+  batches, so training holds and runs no reference weights at all (the default). The pass runs the very batches
+  of the first epoch: in bf16 a sequence's numbers depend slightly on the batch around it, and this way the
+  policy at step 0 equals its reference exactly, as it should;
 - adapter-off: with LoRA the reference is the same model with its adapters disabled (one copy in memory);
 - frozen copy: for full fine-tuning without precomputation, a frozen copy of the starting weights;
 - none: reference-free losses (SimPO) need no reference.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -109,37 +112,30 @@ def compute_reference_table(
     forward: Callable[[Batch], SeqLogps],
     data: EncodedDataset,
     make_batch: Callable[[list[int]], Batch],
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
+    passes: list[list[int]],
+    rows_per_process: int,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """(N, 2) reference log-probs of every pair; each process computes a shard and the shards are gathered.
-
-    Pairs are sorted by length so each batch holds similar lengths (little padding), and dealt round-robin to
-    processes so their shards cost the same.
-    """
-    order = sorted(range(len(data)), key=lambda i: -data.pairs[i].num_tokens)
-    mine = order[rank::world_size]
-    rows = torch.zeros(len(mine), 3)  # index, chosen, rejected
-    for start in range(0, len(mine), batch_size):
-        idx = mine[start : start + batch_size]
+    """(N, 2) reference log-probs of every pair: this process runs `passes` (pair indices per forward pass), and
+    with `gather` the processes' rows, padded to `rows_per_process`, are put together."""
+    rows = torch.full((rows_per_process, 3), -1.0)  # index, chosen, rejected; index -1 is padding
+    done = 0
+    for idx in passes:
         out = forward(make_batch(idx))
-        rows[start : start + len(idx), 0] = torch.tensor(idx, dtype=torch.float32)
-        rows[start : start + len(idx), 1] = out.chosen.float().cpu()
-        rows[start : start + len(idx), 2] = out.rejected.float().cpu()
+        rows[done : done + len(idx), 0] = torch.tensor(idx, dtype=torch.float32)
+        rows[done : done + len(idx), 1] = out.chosen.float().cpu()
+        rows[done : done + len(idx), 2] = out.rejected.float().cpu()
+        done += len(idx)
         if on_batch is not None:
             on_batch(len(idx))
-    if world_size > 1:
-        assert gather is not None
-        # shards differ in length by at most one row: pad with index -1 so every process sends the same shape
-        padded = torch.full((len(order[0::world_size]), 3), -1.0)
-        padded[: len(rows)] = rows
-        rows = gather(padded)
-        rows = rows[rows[:, 0] >= 0]
-    table = torch.zeros(len(data), 2)
+    if gather is not None:
+        rows = gather(rows)
+    rows = rows[rows[:, 0] >= 0]
+    table = torch.full((len(data), 2), math.nan)
     table[rows[:, 0].long()] = rows[:, 1:]
+    if table.isnan().any():
+        raise AssertionError("the reference passes left pairs out")  # a bug in the plan, never the user's data
     return table
 
 
@@ -173,14 +169,27 @@ def live_reference(cfg: DPOConfig, policy: SequenceLogps, autocast: Any) -> Live
 
 
 def build_reference(
-    cfg: DPOConfig, acc: Any, live: LiveReference | None, data: EncodedDataset, make_batch: Any, console: Any
+    cfg: DPOConfig,
+    acc: Any,
+    live: LiveReference | None,
+    data: EncodedDataset,
+    make_batch: Any,
+    plan: Callable[[int], list[list[int]]],
+    console: Any,
 ) -> Reference:
-    """The reference the config asks for; a precomputed table comes from the cache when model and data match."""
+    """The reference the config asks for. A precomputed table runs `plan(rank)`, each process's forward passes
+    (pair indices) in the order training runs them, and comes from the cache when model, data and plan match."""
     if live is None:
         return NoReference()
     if not cfg.precompute_ref_log_probs:
         return live
-    settings = {"precision": acc.mixed_precision, "attn": cfg.attn_implementation}
+    plans = [plan(rank) for rank in range(acc.num_processes)]
+    settings = {
+        "precision": acc.mixed_precision,
+        "attn": cfg.attn_implementation,
+        "layout": [cfg.padding_free, cfg.prefix_sharing, cfg.segment_attention],
+        "plan": hashlib.sha256(json.dumps(plans).encode()).hexdigest(),
+    }
     path = cache_path(cache_dir(), model_fingerprint(resolve_model_path(cfg.model_name_or_path)), data, settings)
     table = load_table(path, len(data))
     # every process must take the same branch, or the ones that compute wait forever in the gather; on several
@@ -189,7 +198,6 @@ def build_reference(
     if float(missing_somewhere) == 0:
         console.print(f"reference log-probs: from cache {path}")
         return PrecomputedReference(table)
-    batch_size = cfg.precompute_ref_batch_size or 4 * cfg.per_device_eval_batch_size
     with progress(console, len(data), label="reference log-probs", unit="pairs") as update:
         done = [0]
 
@@ -201,10 +209,9 @@ def build_reference(
             live.forward,
             data,
             make_batch,
-            batch_size,
-            acc.process_index,
-            acc.num_processes,
-            gather=lambda t: acc.gather(t.to(acc.device)).cpu(),
+            plans[acc.process_index],
+            max(sum(map(len, p)) for p in plans),
+            gather=(lambda t: acc.gather(t.to(acc.device)).cpu()) if acc.num_processes > 1 else None,
             on_batch=tick,
         )
     if acc.is_local_main_process:  # one writer per machine: each may have its own cache folder

@@ -18,7 +18,7 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,6 +131,34 @@ def micro_batches(
         ([indices[i] for i in order[s : s + size]], [weights[i] for i in order[s : s + size]])
         for s in range(0, len(order), size)
     ]
+
+
+def reference_plan(
+    cfg: DPOConfig, schedule: Schedule | None, data: EncodedDataset, acc: Any
+) -> Callable[[int], list[list[int]]]:
+    """Each process's forward passes of the reference pass: the first training epoch's (or, without a schedule,
+    evaluation's) micro-batches, or length-sorted batches of `precompute_ref_batch_size` dealt round-robin."""
+    n = acc.num_processes
+    if cfg.precompute_ref_batch_size:
+        order = sorted(range(len(data)), key=lambda i: -data.pairs[i].num_tokens)
+        size = cfg.precompute_ref_batch_size
+        batches = [order[s : s + size] for s in range(0, len(order), size)]
+        return lambda rank: batches[rank::n]
+
+    def passes(rank: int) -> list[list[int]]:
+        if schedule is None:
+            mine, weights = shard(list(range(len(data))), rank, n)
+            return [idx for idx, _ in micro_batches(mine, weights, cfg.per_device_eval_batch_size, data, True)]
+        out = []
+        for step in range(schedule.steps_per_epoch):
+            mine, weights = shard(schedule.indices(step), rank, n)
+            out += [
+                idx
+                for idx, _ in micro_batches(mine, weights, cfg.per_device_train_batch_size, data, cfg.group_by_length)
+            ]
+        return out
+
+    return passes
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
@@ -271,12 +299,17 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     def batches_of(data: EncodedDataset) -> Any:
         return lambda indices: make_batch(cfg, tokenizer.pad_token_id, data, indices, acc.device)
 
+    schedule = Schedule.from_config(cfg, len(train_set), acc.num_processes)
     live = live_reference(cfg, policy, acc.autocast)
-    reference = build_reference(cfg, acc, live, train_set, batches_of(train_set), console)
-    eval_reference = build_reference(cfg, acc, live, eval_set, batches_of(eval_set), console) if eval_set else None
+    reference = build_reference(
+        cfg, acc, live, train_set, batches_of(train_set), reference_plan(cfg, schedule, train_set, acc), console
+    )
+    eval_reference = None
+    if eval_set is not None:
+        eval_plan = reference_plan(cfg, None, eval_set, acc)
+        eval_reference = build_reference(cfg, acc, live, eval_set, batches_of(eval_set), eval_plan, console)
     del live  # a frozen copy now lives only where a reference still runs it
 
-    schedule = Schedule.from_config(cfg, len(train_set), acc.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.weight_decay
