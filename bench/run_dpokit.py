@@ -194,7 +194,12 @@ def _model_dir(model: str) -> str:
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     output_dir = work / "run"
     command = train_command(args, output_dir)
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf")}
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(work / "hf"),
+        "DPOKIT_CACHE": str(fresh_cache(work)),
+    }
     watch = measure.LoadWatch(include_children=True).start()
     started = time.time()
     child = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -221,6 +226,17 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     record["memory"] = {"peak_rss_mib": round(measure.max_rss_bytes(children=True) / 2**20, 1)}
     record["load"] = load
     return record
+
+
+def fresh_cache(work: Path) -> Path:
+    """A dpokit cache with no reference log-probs in it, so every run computes its reference pass (as TRL's runs
+    do, with their fresh datasets cache); the converted builtin model is shared, as TRL's runs share it."""
+    from dpokit.models import cache_dir
+
+    cache = work / "dpokit-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
+    return cache
 
 
 def main() -> None:

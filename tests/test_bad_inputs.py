@@ -137,6 +137,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("train-model-does-not-exist", f"{TRAIN} model_name_or_path={NO_MODEL}", NO_MODEL),
     ("train-model-folder-missing", f"{TRAIN} model_name_or_path={{missing-folder}}", "{missing-folder}"),
     ("train-output-holds-another-run", f"{TRAIN} output_dir={{other-run}}", "{other-run}"),
+    ("train-segment-attention-on-eager", f"{TRAIN} attn_implementation=eager", "segment_attention=false"),
     # --- data inspect -------------------------------------------------------------------------------------------
     ("inspect-missing-file", f"{INSPECT} {{missing}}", "{missing}"),
     ("inspect-empty-file", f"{INSPECT} {{empty-jsonl}}", "{empty-jsonl}"),

@@ -83,7 +83,13 @@ def test_layouts_match_the_plain_path(
     model = make_model(tokenizer, segment_attention)
     with torch.no_grad():
         expected = sequence_logps_reference(model, collate(pairs, tokenizer.pad_token_id))
-        batch = collate(pairs, tokenizer.pad_token_id, padding_free=padding_free, prefix_sharing=prefix_sharing)
+        batch = collate(
+            pairs,
+            tokenizer.pad_token_id,
+            padding_free=padding_free,
+            prefix_sharing=prefix_sharing,
+            one_row=segment_attention,  # what training runs with segment attention
+        )
         got = SequenceLogps(model, chunk_size)(batch)
     assert torch.allclose(got.chosen, expected.chosen, atol=1e-4)
     assert torch.allclose(got.rejected, expected.rejected, atol=1e-4)
@@ -97,6 +103,8 @@ def test_packing_and_sharing_save_tokens(setup) -> None:
     shared = collate(pairs, tokenizer.pad_token_id, padding_free=True, prefix_sharing=True)
     assert shared.num_tokens == sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     assert shared.input_ids.numel() < padded.input_ids.numel()
+    one_row = collate(pairs, tokenizer.pad_token_id, padding_free=True, prefix_sharing=True, one_row=True)
+    assert one_row.input_ids.shape == (1, shared.num_tokens)  # no padding at all
 
 
 @pytest.mark.parametrize(("padding_free", "prefix_sharing"), LAYOUTS[1:])

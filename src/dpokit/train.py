@@ -363,7 +363,10 @@ def make_batch(
 ) -> Batch:
     """Pairs `indices` of `data` in the layout the speed keys select, on `device`."""
     pairs = [data.pairs[i] for i in indices]
-    return collate(pairs, pad_id, padding_free=cfg.padding_free, prefix_sharing=cfg.prefix_sharing).to(device)
+    one_row = cfg.segment_attention  # the layout segment attention runs best; a dense-mask kernel wants short rows
+    return collate(pairs, pad_id, padding_free=cfg.padding_free, prefix_sharing=cfg.prefix_sharing, one_row=one_row).to(
+        device
+    )
 
 
 def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
@@ -373,8 +376,11 @@ def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
         cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
     )
     model.config.use_cache = False
-    if cfg.segment_attention and (cfg.padding_free or cfg.prefix_sharing):
-        attention.enable(model)
+    if cfg.segment_attention and (cfg.padding_free or cfg.prefix_sharing) and not attention.enable(model):
+        raise UserError(
+            f"segment_attention runs only where transformers' sdpa attention does (attn_implementation is "
+            f"{cfg.attn_implementation!r}, model {type(model).__name__}); set segment_attention=false"
+        )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_peft:

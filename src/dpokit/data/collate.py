@@ -118,13 +118,18 @@ def collate(
     *,
     padding_free: bool = False,
     prefix_sharing: bool = False,
+    one_row: bool = False,
 ) -> Batch:
-    """Lay out `pairs` for one forward pass. With neither option this is TRL's padded layout."""
+    """Lay out `pairs` for one forward pass. With neither option this is TRL's padded layout.
+
+    Packed rows are as long as the longest segment, so a masked attention pass over a row costs what the padded
+    layout's would; `one_row` packs everything into a single row, with no padding at all, for segment attention,
+    whose cost does not grow with the row.
+    """
     segments = _segments(pairs, shared=prefix_sharing)
     lengths = [len(s.ids) for s in segments]
     if padding_free:
-        # Rows as long as the longest segment: attention cost stays that of the padded layout, padding goes.
-        rows = _pack(lengths, max(lengths))
+        rows = [list(range(len(segments)))] if one_row else _pack(lengths, max(lengths))
     else:
         rows = [[i] for i in range(len(segments))]
     width = max(sum(lengths[i] for i in row) for row in rows)
