@@ -123,7 +123,13 @@ def test_lora_gradients_match_the_plain_path(
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
         if fast:
-            batch = collate(pairs, tokenizer.pad_token_id, padding_free=padding_free, prefix_sharing=prefix_sharing)
+            batch = collate(
+                pairs,
+                tokenizer.pad_token_id,
+                padding_free=padding_free,
+                prefix_sharing=prefix_sharing,
+                one_row=segment_attention,
+            )
             out = SequenceLogps(model, chunk_size=16)(batch)
         else:
             out = sequence_logps_reference(model, collate(pairs, tokenizer.pad_token_id))
