@@ -2,8 +2,8 @@
 
 `sequence_logps_reference` is the plain definition (full logits, shift by one, mask, sum in fp32) and exists to
 test against. `SequenceLogps` is what training runs: the backbone once over any `Batch` layout, then the LM head
-and log-softmax only at response positions, in chunks, so [batch, length, vocab] logits never exist. In training
-each chunk is recomputed in the backward pass instead of keeping its logits.
+and log-softmax only at response positions, in chunks, so [batch, length, vocab] logits never exist; a chunk's
+logits live only inside `HeadLogps`, which keeps what its backward needs instead of them.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ plain one simply by comparing per-sequence log-probs.
 - shared (`prefix_sharing`): prompt, chosen and rejected in one row; rejected tokens see the prompt but not
   the chosen tokens and take the positions the chosen ones had, so every token sees exactly what it would see in
   the padded layout. Packed too when both are on.
+
+Packed and shared batches carry their `segments` (`attention.Segment`): segment attention runs them directly,
+other attention kernels get the same rule as a dense mask (`Batch.dense_mask`).
 """
 
 from __future__ import annotations
