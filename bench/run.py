@@ -131,6 +131,14 @@ RUNS = [
         "dpokit-no-precompute", "dpokit", "reference run in the loop", **MAIN, precompute_ref=False, baseline="trl-bf16"
     ),
     Run(
+        "dpokit-compile",
+        "dpokit",
+        "torch_compile on (opt-in: compiles in the first step)",
+        **MAIN,
+        settings=("torch_compile=true",),
+        baseline="trl-bf16",
+    ),
+    Run(
         "dpokit-gc", "dpokit", "gradient checkpointing on", **MAIN, gradient_checkpointing=True, baseline="trl-bf16-gc"
     ),
     Run("dpokit-plain", "dpokit", "every speed switch off", **MAIN, settings=ALL_SPEED_OFF, baseline="trl-bf16"),

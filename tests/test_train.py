@@ -109,9 +109,12 @@ def test_train_writes_every_output(
 def test_gradient_accumulation_and_layouts_do_not_change_the_step(
     tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:
-    """8 pairs x 1 pass == 1 pair x 8 passes == 4 x 2 padded: same weights after two steps (fp32, 1e-6)."""
+    """8 pairs x 1 pass == 1 pair x 8 passes == 4 x 2 padded == 8 x 1 through a dense mask == 8 x 1 with gradient
+    checkpointing: same weights after two steps (fp32, 1e-6)."""
     variants = {
         "8x1": ["per_device_train_batch_size=8", "gradient_accumulation_steps=1"],
+        "8x1-dense-mask": ["per_device_train_batch_size=8", "segment_attention=false"],
+        "8x1-checkpointed": ["per_device_train_batch_size=8", "gradient_checkpointing=true"],
         "1x8": ["per_device_train_batch_size=1", "gradient_accumulation_steps=8"],
         "4x2-padded": [
             "per_device_train_batch_size=4",
@@ -127,7 +130,7 @@ def test_gradient_accumulation_and_layouts_do_not_change_the_step(
         run_train(*settings(tiny_model_dir, pairs_file, out, "max_steps=2", "precompute_ref_log_probs=false", *extra))
         weights[name] = adapter_weights(out)
         assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    for name in ("1x8", "4x2-padded"):
+    for name in ("1x8", "4x2-padded", "8x1-dense-mask", "8x1-checkpointed"):
         for key, value in weights["8x1"].items():
             assert torch.allclose(value, weights[name][key], atol=1e-6), (name, key)
     moved = sum(float(v.abs().sum()) for k, v in weights["8x1"].items() if "lora_B" in k)

@@ -75,6 +75,7 @@ def _segment(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seg: S
     return torch.cat([out[0], tail_out[0]], dim=1)
 
 
+@torch.compiler.disable  # a Python loop over this batch's segments: compiled, it would recompile for every batch
 def segment_attention(
     module: torch.nn.Module,
     query: torch.Tensor,  # (R, H, T, D)

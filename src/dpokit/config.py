@@ -248,6 +248,12 @@ class DPOConfig:
         "CPU) instead of one masked pass over each whole row. Needs attn_implementation=sdpa.",
         "speed",
     )
+    torch_compile: bool = option(
+        False,
+        "Compile each decoder layer with torch.compile (inductor) before training. Steps get faster, but the first "
+        "one waits for the compiler (minutes on a small CPU): for runs much longer than that.",
+        "speed",
+    )
     group_by_length: bool = option(
         True,
         "Within each optimizer step, batch pairs of similar length together (the step's gradient is unchanged).",

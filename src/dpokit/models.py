@@ -348,6 +348,23 @@ def cast_frozen_linears(model: Any, dtype: torch.dtype) -> int:
     return changed
 
 
+def compile_layers(model: Any) -> int:
+    """`torch.compile` every decoder layer in place (state-dict names unchanged); returns how many.
+
+    One compiled graph serves all layers, since their weights are graph inputs, and lengths are dynamic, so the
+    changing widths of packed rows do not recompile. Segment attention stays eager: its loop depends on the batch.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if not layers:
+        raise UserError(
+            f"torch_compile: {type(base).__name__} has no decoder layers to compile; set torch_compile=false"
+        )
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

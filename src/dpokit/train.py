@@ -44,6 +44,7 @@ from dpokit.models import (
     add_lora,
     bf16_is_fast,
     cast_frozen_linears,
+    compile_layers,
     count_parameters,
     disable_dropout,
     load_model,
@@ -389,6 +390,8 @@ def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
             cast_frozen_linears(model, torch.bfloat16)
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.torch_compile:
+        compile_layers(model)
     return model.to(device).train()
 
 
