@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dpokit import attention
 from dpokit.data.collate import Batch
+from dpokit.models import base_model
 
 IGNORE_INDEX = -100  # label of prompt and padding positions in the padded reference layout
 
@@ -34,8 +35,7 @@ def split_sequences(per_sequence: torch.Tensor, lengths: torch.Tensor, num_pairs
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[..., index] in fp32 without materialising the full log-softmax."""
-    logits = logits.float()
-    return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return _select(logits.float(), index)[0]
 
 
 def sequence_logps_reference(model: Any, batch: Batch) -> SeqLogps:
@@ -72,14 +72,13 @@ class HeadLogps(torch.autograd.Function):
     def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
     ) -> torch.Tensor:
-        w, b = _cast(weight, bias, hidden.dtype)
-        logits = _fp32(F.linear(hidden, w, b))  # (n, V)
+        logits = _logits(hidden, weight, bias)  # (n, V)
         logps, lse = _select(logits, targets)
         ctx.head_is_trained = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         if ctx.head_is_trained:
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
         else:
-            ctx.save_for_backward(_minus_dlogits(logits, lse, targets).to(hidden.dtype) @ w)
+            ctx.save_for_backward(_minus_dlogits(logits, lse, targets).to(hidden.dtype) @ weight.to(hidden.dtype))
         return logps
 
     @staticmethod
@@ -88,21 +87,19 @@ class HeadLogps(torch.autograd.Function):
             (minus_jacobian,) = ctx.saved_tensors
             return -grad[:, None].to(minus_jacobian.dtype) * minus_jacobian, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        w, b = _cast(weight, bias, hidden.dtype)
-        dlogits = _minus_dlogits(_fp32(F.linear(hidden, w, b)), lse, targets).mul_(-grad[:, None]).to(hidden.dtype)
+        dlogits = _minus_dlogits(_logits(hidden, weight, bias), lse, targets).mul_(-grad[:, None]).to(hidden.dtype)
         need = ctx.needs_input_grad
-        grad_hidden = dlogits @ w if need[0] else None
+        grad_hidden = dlogits @ weight.to(hidden.dtype) if need[0] else None
         grad_weight = (dlogits.T @ hidden).to(weight.dtype) if need[1] else None
         grad_bias = dlogits.sum(0).to(bias.dtype) if bias is not None and need[2] else None
         return grad_hidden, grad_weight, grad_bias, None
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _cast(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> tuple[Any, Any]:
-    return weight.to(dtype), None if bias is None else bias.to(dtype)
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(n, V) logits, the matmul in `hidden`'s dtype, returned in fp32 (fp64 stays fp64, for gradcheck)."""
+    dtype = hidden.dtype
+    logits = F.linear(hidden, weight.to(dtype), None if bias is None else bias.to(dtype))
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _select(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,12 +118,12 @@ def _minus_dlogits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tenso
 def head_logps(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
 ) -> torch.Tensor:
-    """(n,) fp32 log-probs of `targets` under the output layer, computed in `hidden`'s dtype; in training through
-    `HeadLogps`, whose backward recomputes the chunk's logits instead of keeping them."""
+    """(n,) fp32 log-probs of `targets` under the output layer, computed in `hidden`'s dtype; through `HeadLogps`
+    where a gradient is needed, so the chunk's (n, V) logits are never kept for backward."""
     params = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
         return HeadLogps.apply(hidden, weight, bias, targets)
-    return _select(_fp32(F.linear(hidden, *_cast(weight, bias, hidden.dtype))), targets)[0]
+    return _select(_logits(hidden, weight, bias), targets)[0]
 
 
 class SequenceLogps(torch.nn.Module):
@@ -143,7 +140,7 @@ class SequenceLogps(torch.nn.Module):
         self.segment_attention = attention.enabled(self._causal_lm())
 
     def _causal_lm(self) -> Any:
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base_model(self.model)
 
     def _head(self, lm_head: torch.nn.Linear, device: torch.device) -> tuple[Any, ...]:
         """The head's weight, bias and the dtype its matmul runs in: autocast's if on, as autocast would run it."""

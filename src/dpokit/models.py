@@ -139,18 +139,30 @@ def _hub_hint(name: str) -> str:
     )
 
 
+@contextmanager
+def _loading(name: str, folder: Path | None = None):
+    """transformers' failures to load model `name` as one-line UserErrors; `folder` (a model's weights) may lack
+    safetensors files."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model `{name}` ships its own code; set trust_remote_code=true if you trust it") from e
+        if folder is not None and "safetensors" in str(e).lower() and folder.is_dir():
+            raise UserError(
+                f"model folder {name} has no safetensors weights; dpokit does not load pickled weights"
+            ) from e
+        raise UserError(_hub_hint(name)) from e
+
+
 def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer, with a pad token and a chat template (the override, the model's own, or ChatML)."""
     from transformers import AutoTokenizer
 
     quiet_libraries()
     path = resolve_model_path(name)
-    try:
+    with _loading(name):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(f"model `{name}` ships its own code; set trust_remote_code=true if you trust it") from e
-        raise UserError(_hub_hint(name)) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template:
@@ -178,7 +190,7 @@ def load_model(
 
     quiet_libraries()
     path = resolve_model_path(name)
-    try:
+    with _loading(name, folder=Path(path)):
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
@@ -186,14 +198,6 @@ def load_model(
             attn_implementation=attn_implementation,
             use_safetensors=True,
         )
-    except (OSError, ValueError) as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(f"model `{name}` ships its own code; set trust_remote_code=true if you trust it") from e
-        if "safetensors" in str(e).lower() and Path(path).is_dir():
-            raise UserError(
-                f"model folder {name} has no safetensors weights; dpokit does not load pickled weights"
-            ) from e
-        raise UserError(_hub_hint(name)) from e
     return model
 
 
@@ -204,12 +208,8 @@ def load_empty_model(name: str, *, trust_remote_code: bool = False) -> Any:
 
     quiet_libraries()
     path = resolve_model_path(name)
-    try:
+    with _loading(name):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(f"model `{name}` ships its own code; set trust_remote_code=true if you trust it") from e
-        raise UserError(_hub_hint(name)) from e
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
@@ -348,13 +348,18 @@ def cast_frozen_linears(model: Any, dtype: torch.dtype) -> int:
     return changed
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def compile_layers(model: Any) -> int:
     """`torch.compile` every decoder layer in place (state-dict names unchanged); returns how many.
 
     One compiled graph serves all layers, since their weights are graph inputs, and lengths are dynamic, so the
     changing widths of packed rows do not recompile. Segment attention stays eager: its loop depends on the batch.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     layers = getattr(base.get_decoder(), "layers", None)
     if not layers:
         raise UserError(

@@ -103,11 +103,18 @@ class Schedule:
     def epoch(self, steps_done: int) -> float:
         return round(steps_done / self.steps_per_epoch, 4)
 
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
+
     def indices(self, step: int) -> list[int]:
         """Pair indices of optimizer step `step` (0-based); the last step of an epoch may be smaller."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return order[within * self.global_batch : (within + 1) * self.global_batch].tolist()
+        return self._order(epoch)[within * self.global_batch : (within + 1) * self.global_batch].tolist()
+
+    def epoch_indices(self, epoch: int) -> list[list[int]]:
+        """`indices` of every step of `epoch`, from one shuffle."""
+        order = self._order(epoch).tolist()
+        return [order[s : s + self.global_batch] for s in range(0, self.num_pairs, self.global_batch)]
 
 
 def shard(indices: list[int], rank: int, num_processes: int) -> tuple[list[int], list[float]]:
@@ -148,18 +155,26 @@ def reference_plan(
 
     def passes(rank: int) -> list[list[int]]:
         if schedule is None:
-            mine, weights = shard(list(range(len(data))), rank, n)
-            return [idx for idx, _ in micro_batches(mine, weights, cfg.per_device_eval_batch_size, data, True)]
-        out = []
-        for step in range(schedule.steps_per_epoch):
-            mine, weights = shard(schedule.indices(step), rank, n)
-            out += [
-                idx
-                for idx, _ in micro_batches(mine, weights, cfg.per_device_train_batch_size, data, cfg.group_by_length)
-            ]
-        return out
+            return [idx for idx, _ in eval_passes(cfg, data, rank, n)]
+        return [idx for batch in schedule.epoch_indices(0) for idx, _ in train_passes(cfg, data, batch, rank, n)]
 
     return passes
+
+
+def train_passes(
+    cfg: DPOConfig, data: EncodedDataset, indices: list[int], rank: int, num_processes: int
+) -> list[tuple[list[int], list[float]]]:
+    """The forward passes (pair indices, weights) process `rank` runs for the global batch `indices`."""
+    mine, weights = shard(indices, rank, num_processes)
+    return micro_batches(mine, weights, cfg.per_device_train_batch_size, data, cfg.group_by_length)
+
+
+def eval_passes(
+    cfg: DPOConfig, data: EncodedDataset, rank: int, num_processes: int
+) -> list[tuple[list[int], list[float]]]:
+    """The forward passes (pair indices, weights) process `rank` runs to evaluate every pair of `data`."""
+    mine, weights = shard(list(range(len(data))), rank, num_processes)
+    return micro_batches(mine, weights, cfg.per_device_eval_batch_size, data, True)
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
@@ -364,10 +379,9 @@ def make_batch(
 ) -> Batch:
     """Pairs `indices` of `data` in the layout the speed keys select, on `device`."""
     pairs = [data.pairs[i] for i in indices]
-    one_row = cfg.segment_attention  # the layout segment attention runs best; a dense-mask kernel wants short rows
-    return collate(pairs, pad_id, padding_free=cfg.padding_free, prefix_sharing=cfg.prefix_sharing, one_row=one_row).to(
-        device
-    )
+    # one row without padding is the layout segment attention runs best; a dense-mask kernel wants short rows
+    layout = {"padding_free": cfg.padding_free, "prefix_sharing": cfg.prefix_sharing, "one_row": cfg.segment_attention}
+    return collate(pairs, pad_id, **layout).to(device)
 
 
 def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
@@ -455,8 +469,7 @@ def train_step(run: Run, step: int, window: MetricWindow) -> dict[str, float]:
     """Forward and backward over global batch `step`; returns its loss, gradient norm, pairs and tokens."""
     acc, cfg = run.acc, run.cfg
     indices = run.schedule.indices(step)
-    mine, weights = shard(indices, acc.process_index, acc.num_processes)
-    passes = micro_batches(mine, weights, cfg.per_device_train_batch_size, run.train_set, cfg.group_by_length)
+    passes = train_passes(cfg, run.train_set, indices, acc.process_index, acc.num_processes)
     scale = acc.num_processes / len(indices)  # DDP averages gradients over processes; the loss is a global mean
     loss_sum, tokens = 0.0, 0
     for k, (idx, w) in enumerate(passes):
@@ -473,7 +486,8 @@ def train_step(run: Run, step: int, window: MetricWindow) -> dict[str, float]:
         tokens += sum(run.train_set.pairs[i].num_tokens for i, weight in zip(idx, w, strict=True) if weight)
     params = [p for p in run.policy.parameters() if p.requires_grad]
     grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-    local = torch.tensor([loss_sum, sum(weights), tokens], dtype=torch.float64, device=acc.device)
+    pairs = sum(sum(w) for _, w in passes)
+    local = torch.tensor([loss_sum, pairs, tokens], dtype=torch.float64, device=acc.device)
     loss_total, pairs, tokens_total = acc.reduce(local, "sum").tolist()
     return {"grad_norm": float(grad_norm), "loss": loss_total / max(pairs, 1.0), "pairs": pairs, "tokens": tokens_total}
 
@@ -485,8 +499,7 @@ def evaluate(run: Run) -> dict[str, float]:
     acc = run.acc
     policy = acc.unwrap_model(run.policy).eval()
     window = MetricWindow()
-    mine, weights = shard(list(range(len(run.eval_set))), acc.process_index, acc.num_processes)
-    for idx, w in micro_batches(mine, weights, run.cfg.per_device_eval_batch_size, run.eval_set, True):
+    for idx, w in eval_passes(run.cfg, run.eval_set, acc.process_index, acc.num_processes):
         batch = run.batch(run.eval_set, idx)
         with acc.autocast():
             logps = policy(batch)
