@@ -94,20 +94,8 @@ def read_metrics(path: Path, notes: list[str]) -> tuple[Series, Series]:
     """(train, eval) series by metric name; eval names lose their `eval/` prefix. Bad lines are noted."""
     train: Series = {}
     evals: Series = {}
-    if not path.is_file():
-        return train, evals
-    bad = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if not isinstance(row, dict) or not _is_number(row.get("step")):
-            bad += 1
-            continue
+    rows, bad = _json_rows(path, lambda row: _is_number(row.get("step")))
+    for row in rows:
         for key, value in row.items():
             if key in ("step", "epoch") or not _is_number(value):
                 continue
@@ -116,6 +104,28 @@ def read_metrics(path: Path, notes: list[str]) -> tuple[Series, Series]:
     if bad:
         notes.append(f"{path.name}: {bad} line(s) were not metric rows (JSON objects with a numeric step) and left out")
     return train, evals
+
+
+def _json_rows(path: Path, keep: Callable[[dict[str, Any]], bool]) -> tuple[list[dict[str, Any]], int]:
+    """The JSON-object lines of `path` (if it exists) that `keep` accepts, and how many other non-blank lines
+    it holds."""
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    if not path.is_file():
+        return rows, bad
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and keep(row):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
 
 
 def _why_no_metrics(path: Path, notes: list[str]) -> str:
@@ -161,22 +171,7 @@ def _read_comparisons(run_dir: Path, notes: list[str]) -> list[tuple[str, dict[s
 
 
 def _read_vibe(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    if not path.is_file():
-        return rows
-    bad = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("prompt", "base", "aligned")):
-            rows.append(row)
-        else:
-            bad += 1
+    rows, bad = _json_rows(path, lambda row: all(isinstance(row.get(k), str) for k in ("prompt", "base", "aligned")))
     if bad:
         notes.append(f"{path.name}: {bad} line(s) without prompt, base and aligned texts were left out")
     return rows
