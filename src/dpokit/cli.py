@@ -247,6 +247,17 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         help="bad rows tolerated (all are written with reasons to NAME.rejected.jsonl) before exit code 2 (default 0)",
     )
     p.add_argument("--chat-template", default=None, help="Jinja chat template, or a file with one, to use instead")
+    _add_system_message(p, default="keep")
+
+
+def _add_system_message(p: argparse.ArgumentParser, default: str | None) -> None:
+    shown = default or "the run's system_message, else keep"
+    p.add_argument(
+        "--system-message",
+        choices=("keep", "merge", "drop"),
+        default=default,
+        help=f"system turns: keep them, merge them into the next user turn, or drop them (default {shown})",
+    )
 
 
 # --- generate, evaluate, compare, chat, vibe, merge, report ---------------------------------------------------

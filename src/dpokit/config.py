@@ -96,6 +96,14 @@ class DPOConfig:
         "data",
         choices=("reject", "trim"),
     )
+    system_message: str = option(
+        "keep",
+        "System turns of conversational data: `keep` them, `merge` each into the user turn after it (system text, "
+        "a blank line, the user text) for chat templates without a system role (Gemma's and others that refuse "
+        "one), or `drop` them; merged and dropped turns are counted. Rows a template still refuses are bad rows.",
+        "data",
+        choices=("keep", "merge", "drop"),
+    )
     min_score_margin: float = option(
         0.0,
         "Rated responses: the best must beat the worst by more than this score to make a pair; ties never do.",
