@@ -4,6 +4,7 @@ warnings, and TRL's tokenization where TRL accepts the data."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -275,3 +276,104 @@ def test_train_refusals_are_bad_rows_and_merge_trains(tiny_model_dir, template_f
     assert "4 pairs to train on" in capsys.readouterr().err
     assert main(["train", *base, f"output_dir={tmp_path / 'c'}", "system_message=merge"]) == 0
     assert "6 pairs to train on" in capsys.readouterr().err
+
+
+# --- generate, compare, vibe, chat ------------------------------------------------------------------------------------
+
+JUDGE = "def score(prompt, response):\n    return float(len(response))\n"
+ANSWERING = ["--max-new-tokens", "4", "--temperature", "0", "--no-bf16"]
+
+
+@pytest.fixture(scope="module")
+def gemma_like(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny model whose own template refuses system turns, a LoRA adapter on it, a judge and prompt files."""
+    from peft import LoraConfig, get_peft_model
+
+    import tiny
+
+    root = tmp_path_factory.mktemp("gemma-like")
+    model_dir = tiny.save_tiny(root / "model")
+    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer.chat_template = NO_SYSTEM
+    tokenizer.save_pretrained(model_dir)
+    peft_model = get_peft_model(tiny.build_model(len(tokenizer)), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.peft_config["default"].base_model_name_or_path = str(model_dir)
+    peft_model.save_pretrained(root / "adapter")
+    (root / "judge.py").write_text(JUDGE, encoding="utf-8")
+    system = [{"role": "system", "content": "Be brief."}]
+    questions = ["What is the capital of France?", "How many legs does a spider have?", "Say hi."]
+    rows = [
+        {"id": f"q{i}", "prompt": [*system[: int(i < 2)], {"role": "user", "content": q}]}
+        for i, q in enumerate(questions)
+    ]
+    write_jsonl(root / "prompts.jsonl", rows)  # the first two have a system turn
+    write_jsonl(root / "system_prompts.jsonl", rows[:2])
+    return {"root": root, "model": model_dir, "adapter": root / "adapter", "judge": root / "judge.py"}
+
+
+def last_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_generate_refused_prompts_are_bad_rows_before_the_model_loads(gemma_like, tmp_path, capsys):
+    prompts = gemma_like["root"] / "prompts.jsonl"
+    argv = ["generate", "--model", str(gemma_like["model"]), "--prompts", str(prompts), *ANSWERING[:2]]
+    argv += ["--judge", f"python:{gemma_like['judge']}:score", "--num-samples", "2", "--temperature", "1"]
+    assert main([*argv, "--output", str(tmp_path / "a" / "pairs.jsonl")]) == 2
+    error = last_error(capsys)
+    assert error.startswith(f"dpokit: error: {prompts}:1: the chat template refused this conversation: System role")
+    assert "(and 1 more bad rows)" in error and error.endswith("or use a chat template that accepts system turns")
+    side = [json.loads(line) for line in (tmp_path / "a" / "prompts.rejected.jsonl").read_text().splitlines()]
+    assert [row["origin"] for row in side] == [f"{prompts}:1", f"{prompts}:2"]
+    assert main([*argv, "--output", str(tmp_path / "b" / "pairs.jsonl"), "--max-bad-rows", "2"]) == 0
+    assert [json.loads(r)["prompt_id"] for r in (tmp_path / "b" / "pairs.jsonl").read_text().splitlines()] == ["q2"]
+    assert main([*argv, "--output", str(tmp_path / "c" / "pairs.jsonl"), "--system-message", "merge"]) == 0
+    rows = [json.loads(r) for r in (tmp_path / "c" / "pairs.jsonl").read_text().splitlines()]
+    skipped = (tmp_path / "c" / "pairs.skipped.jsonl").read_text().splitlines()  # tied answers
+    assert len(rows) + len(skipped) == 3 and {r["system_message"] for r in rows} == {"merge"}
+
+
+def test_compare_stops_with_one_line_when_every_question_is_refused(gemma_like, tmp_path, capsys):
+    prompts = gemma_like["root"] / "system_prompts.jsonl"
+    model = str(gemma_like["model"])
+    argv = ["compare", "--model-a", model, "--model-b", model, "--name-a", "a", "--name-b", "b", *ANSWERING]
+    argv += ["--prompts", str(prompts), "--judge", f"python:{gemma_like['judge']}:score"]
+    assert main([*argv, "--output", str(tmp_path / "cmp")]) == 2
+    assert last_error(capsys) == (
+        f"dpokit: error: {prompts}: the chat template refused every conversation (2): System role not supported; "
+        "set --system-message merge to fold the system text into the first user turn (or drop it), or use a chat "
+        "template that accepts system turns"
+    )
+    assert not (tmp_path / "cmp").exists()
+    assert main([*argv, "--output", str(tmp_path / "cmp"), "--system-message", "merge"]) == 0
+
+
+def test_vibe_and_chat_merge_the_system_turn_as_asked(gemma_like, tmp_path, monkeypatch, capsys):
+    from dpokit.inference import load_for_inference
+    from dpokit.sampling import SamplingSettings, generate_responses
+
+    adapter = str(gemma_like["adapter"])
+    prompts = gemma_like["root"] / "system_prompts.jsonl"
+    vibe = ["vibe", "--adapter", adapter, "--prompts", str(prompts), "--output", str(tmp_path / "v.jsonl"), *ANSWERING]
+    assert main(vibe) == 2
+    assert "the chat template refused every conversation (2): System role not supported" in last_error(capsys)
+    assert main([*vibe, "--system-message", "merge"]) == 0
+    capsys.readouterr()
+    model, tokenizer = load_for_inference(None, adapter)
+    by_hand = [[{"role": "user", "content": "Be brief.\n\nWhat is the capital of France?"}]]
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=4)
+    expected = generate_responses(model, tokenizer, by_hand, settings)[0][0]
+    assert json.loads((tmp_path / "v.jsonl").read_text().splitlines()[0])["aligned"] == expected
+
+    chat = ["chat", "--adapter", adapter, "--system", "Be brief.", *ANSWERING]
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/exit\n"))
+    assert main(chat) == 2
+    assert last_error(capsys).startswith(
+        "dpokit: error: --system: the chat template refused this conversation: System role not supported; set "
+        "--system-message merge"
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/exit\n"))
+    assert main([*chat, "--system-message", "merge"]) == 0
+    assert f"assistant> {expected}" in capsys.readouterr().out

@@ -159,3 +159,33 @@ def check_refusals(
     if error is not None:
         raise error
     return rejected_file
+
+
+def check_conversations(
+    tokenizer: Any,
+    conversations: Sequence[tuple[str, Sequence[Message]]],
+    source: str,
+    *,
+    system_message: str = "keep",
+    max_bad_rows: int = 0,
+    rejected_dir: str | os.PathLike | None = None,
+    merge_setting: str = "--system-message merge",
+) -> set[str]:
+    """The origins of the `(origin, messages)` prompts the template refuses, found before any model loads; they
+    are written to the side file, and more than `max_bad_rows` of them (or all, for one reason) stop the run."""
+    refused = []
+    for origin, messages in conversations:
+        try:
+            render_chat(tokenizer, apply_system_message(messages, system_message), add_generation_prompt=True)
+        except TemplateRefused as e:
+            refused.append(refused_row(origin, e, {"messages": list(messages)}))
+    check_refusals(
+        refused,
+        refused,
+        len(conversations),
+        source,
+        max_bad_rows=max_bad_rows,
+        rejected_dir=rejected_dir,
+        merge_setting=merge_setting,
+    )
+    return {row.origin for row in refused}
