@@ -72,9 +72,14 @@ class DPOConfig:
 
     # --- data ----------------------------------------------------------------------------------------------------
     train_data: str | None = option(
-        None, "Training pairs: a JSON/JSONL/CSV/Parquet file, a folder of them, or a hub dataset id.", "data"
+        None,
+        "Training pairs: a JSON/JSONL/CSV/Parquet/Arrow file, a folder of them, a folder written by `datasets`' "
+        "`save_to_disk`, or a hub dataset id.",
+        "data",
     )
-    train_split: str = option("train", "Split of a hub dataset (or of a folder with split files) to train on.", "data")
+    train_split: str = option(
+        "train", "Split of a hub dataset (or of a saved DatasetDict, or a folder with split files) to train on.", "data"
+    )
     train_data_config: str | None = option(None, "Config name of a hub dataset that has several.", "data")
     eval_data: str | None = option(None, "Held-out pairs, in any form `train_data` takes.", "data")
     eval_split: str = option("test", "Split of `eval_data` to evaluate on.", "data")
