@@ -332,8 +332,14 @@ def _iter_saved(folder: Path, split: str) -> Iterator[Row]:
         saved, where = saved[name], f"{folder}[{name}]"
     if len(saved) == 0:
         raise UserError(f"data {where} is empty: it holds no rows")
-    for number, row in enumerate(saved, start=1):
-        yield f"{where}:{number}", row
+    saved = saved.with_format(None)  # plain Python values, whatever format (torch, numpy) it was saved with
+    number = 0
+    # batches of columns, turned into rows here: several times faster than iterating the dataset row by row
+    for batch in saved.iter(batch_size=ARROW_BATCH_ROWS):
+        columns = list(batch)
+        for values in zip(*batch.values(), strict=True):
+            number += 1
+            yield f"{where}:{number}", dict(zip(columns, values, strict=True))
 
 
 def pick_split(available: list[str], split: str, what: str) -> str:
