@@ -80,6 +80,7 @@ class EvalSettings:
     max_prompt_length: int | None = None
     truncation_mode: str = "keep_start"
     bf16: bool | None = None  # None: where the hardware runs it fast
+    system_message: str = "keep"  # as the run was trained (see dpokit.data.chat_template)
 
 
 @torch.no_grad()
@@ -109,7 +110,7 @@ def evaluate_pairs(
     from dpokit.data.encode import apply_length_policy, encode_pairs
 
     encoded = apply_length_policy(
-        encode_pairs(tokenizer, pairs),
+        encode_pairs(tokenizer, pairs, system_message=settings.system_message),
         [p.origin for p in pairs],
         max_length=settings.max_length,
         max_prompt_length=settings.max_prompt_length,
@@ -166,6 +167,7 @@ def _eval_settings(args: argparse.Namespace, run_dir: Path | None) -> tuple[Eval
         max_prompt_length=run_config.max_prompt_length,
         truncation_mode=run_config.truncation_mode,
         bf16=args.bf16,
+        system_message=run_config.system_message,
     )
     return settings, ("--beta" if args.beta is not None else source)
 
