@@ -244,7 +244,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (inspect + [str(tmp / "missing.jsonl")], "does not exist"),
         (inspect + [str(tmp / "empty.jsonl")], "is empty"),
         (inspect + [str(tmp / "pairs.txt")], "unknown file type `.txt`"),
-        (inspect + [str(tmp / "nodata")], "holds no .jsonl, .json, .csv or .parquet files"),
+        (inspect + [str(tmp / "nodata")], "holds no .jsonl, .json, .csv, .parquet or .arrow files"),
         (inspect + [str(tmp / "odd.jsonl")], "unknown format (columns: answer, question)"),
         (inspect + [str(tmp / "broken.jsonl")], "broken.jsonl:2: invalid JSON"),
         (inspect + [str(tmp / "bytes.jsonl")], "bytes.jsonl:1: undecodable bytes"),

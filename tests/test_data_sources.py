@@ -143,7 +143,7 @@ def test_missing_file_and_empty_folder(tmp_path):
         read(tmp_path / "missing.jsonl")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(UserError, match="holds no .jsonl, .json, .csv or .parquet files"):
+    with pytest.raises(UserError, match="holds no .jsonl, .json, .csv, .parquet or .arrow files"):
         read(tmp_path / "empty")
 
 

@@ -13,20 +13,26 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.data import Message
+from dpokit.data.chat_template import TemplateRefused, apply_system_message, refusal_fix, refused_row, render_chat
+from dpokit.errors import UserError
 from dpokit.inference import (
     Question,
     adapter_base_model,
     answer_questions,
+    check_questions,
+    inference_tokenizer,
     load_for_inference,
     load_questions,
     run_folder_of,
     sampling_from_args,
+    system_message_of,
 )
 from dpokit.models import autocast_for
 from dpokit.outputs import ensure_writable, write_jsonl
 from dpokit.sampling import SamplingSettings, generate_responses
 
 VIBE_FILE = "vibe.jsonl"
+MERGE = "--system-message merge"
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -35,9 +41,11 @@ def run_chat(args: argparse.Namespace) -> int:
 
     model_name = args.model or (None if args.adapter else BUILTIN_MODEL)
     settings = sampling_from_args(args)
+    policy = system_message_of(args.adapter, args.system_message)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    _check_system(inference_tokenizer(model_name, args.adapter), system, policy)
     model, tokenizer = load_for_inference(model_name, args.adapter)
     device = next(model.parameters()).device
-    system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[Message] = list(system)
     print("type a message; /reset starts over, /exit leaves", flush=True)
     turn = 0
@@ -58,21 +66,40 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": text})
         turn_settings = SamplingSettings(**{**settings.to_dict(), "seed": settings.seed + turn})
-        with autocast_for(device, args.bf16):
-            reply = generate_responses(model, tokenizer, [history], turn_settings)[0][0]
+        try:
+            with autocast_for(device, args.bf16):
+                reply = generate_responses(model, tokenizer, [history], turn_settings, system_message=policy)[0][0]
+        except TemplateRefused as e:  # this message is not sent; the conversation goes on without it
+            history.pop()
+            print(f"({e}; not sent)", flush=True)
+            continue
         history.append({"role": "assistant", "content": reply})
         turn += 1
         print(f"assistant> {reply}", flush=True)
 
 
+def _check_system(tokenizer: Any, system: list[Message], policy: str) -> None:
+    """A `--system` message the chat template refuses stops at once, with the fix, before the model loads."""
+    try:
+        render_chat(tokenizer, apply_system_message([*system, {"role": "user", "content": "hi"}], policy))
+    except TemplateRefused as e:
+        fix = refusal_fix([refused_row("--system", e, {"messages": system})], MERGE)
+        raise UserError(f"--system: {e}; {fix}") from None
+
+
 def vibe_check(
-    model: Any, tokenizer: Any, questions: Sequence[Question], settings: SamplingSettings, bf16: bool | None = None
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[Question],
+    settings: SamplingSettings,
+    bf16: bool | None = None,
+    system_message: str = "keep",
 ) -> list[tuple[str, str]]:
     """(base answer, aligned answer) to each question's first turn: the adapter switched off, then on."""
     first_turns = [Question(q.question_id, q.turns[:1], q.category, q.context) for q in questions]
     with model.disable_adapter():
-        base = answer_questions(model, tokenizer, first_turns, settings, bf16)
-    aligned = answer_questions(model, tokenizer, first_turns, settings, bf16)
+        base = answer_questions(model, tokenizer, first_turns, settings, bf16, system_message=system_message)
+    aligned = answer_questions(model, tokenizer, first_turns, settings, bf16, system_message=system_message)
     return [(b[0], a[0]) for b, a in zip(base, aligned, strict=True)]
 
 
@@ -85,8 +112,11 @@ def run_vibe(args: argparse.Namespace) -> int:
         output = (run_dir if run_dir is not None else Path(args.adapter).resolve().parent) / VIBE_FILE
     ensure_writable(output.resolve().parent, "--output")
     settings = sampling_from_args(args)
+    policy = system_message_of(args.adapter, args.system_message)
+    first_turns = [Question(q.question_id, q.turns[:1], q.category, q.context) for q in questions]
+    check_questions(inference_tokenizer(args.model, args.adapter), first_turns, args.prompts, policy, output.parent)
     model, tokenizer = load_for_inference(args.model, args.adapter)
-    answers = vibe_check(model, tokenizer, questions, settings, args.bf16)
+    answers = vibe_check(model, tokenizer, questions, settings, args.bf16, policy)
     base_name = args.model or adapter_base_model(args.adapter)
     rows = [
         {

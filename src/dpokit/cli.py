@@ -247,6 +247,17 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         help="bad rows tolerated (all are written with reasons to NAME.rejected.jsonl) before exit code 2 (default 0)",
     )
     p.add_argument("--chat-template", default=None, help="Jinja chat template, or a file with one, to use instead")
+    _add_system_message(p, default="keep")
+
+
+def _add_system_message(p: argparse.ArgumentParser, default: str | None) -> None:
+    shown = default or "the run's system_message, else keep"
+    p.add_argument(
+        "--system-message",
+        choices=("keep", "merge", "drop"),
+        default=default,
+        help=f"system turns: keep them, merge them into the next user turn, or drop them (default {shown})",
+    )
 
 
 # --- generate, evaluate, compare, chat, vibe, merge, report ---------------------------------------------------
@@ -301,6 +312,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="rejected answer: the worst, or a random lower-scored one (default best-worst)",
     )
     p.add_argument("--min-margin", type=float, default=0.0, help="least score gap for a pair (default 0: no ties)")
+    _add_system_message(p, default="keep")
+    p.add_argument(
+        "--max-bad-rows",
+        type=int,
+        default=0,
+        help="prompts the chat template refuses that are left out (with reasons in NAME.rejected.jsonl) before exit "
+        "code 2 (default 0)",
+    )
     _add_judge_options(p)
     p.add_argument("--output", required=True, metavar="PAIRS.jsonl", help="pairs file (appended, resumable)")
 
@@ -368,6 +387,7 @@ def _add_answering_options(p: argparse.ArgumentParser, temperature: float, max_n
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
+    _add_system_message(p, default=None)
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:

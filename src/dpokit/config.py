@@ -72,9 +72,14 @@ class DPOConfig:
 
     # --- data ----------------------------------------------------------------------------------------------------
     train_data: str | None = option(
-        None, "Training pairs: a JSON/JSONL/CSV/Parquet file, a folder of them, or a hub dataset id.", "data"
+        None,
+        "Training pairs: a JSON/JSONL/CSV/Parquet/Arrow file, a folder of them, a folder written by `datasets`' "
+        "`save_to_disk`, or a hub dataset id.",
+        "data",
     )
-    train_split: str = option("train", "Split of a hub dataset (or of a folder with split files) to train on.", "data")
+    train_split: str = option(
+        "train", "Split of a hub dataset (or of a saved DatasetDict, or a folder with split files) to train on.", "data"
+    )
     train_data_config: str | None = option(None, "Config name of a hub dataset that has several.", "data")
     eval_data: str | None = option(None, "Held-out pairs, in any form `train_data` takes.", "data")
     eval_split: str = option("test", "Split of `eval_data` to evaluate on.", "data")
@@ -95,6 +100,14 @@ class DPOConfig:
         "reason, or `trim` them to the turns they share plus the first assistant turn where they differ.",
         "data",
         choices=("reject", "trim"),
+    )
+    system_message: str = option(
+        "keep",
+        "System turns of conversational data: `keep` them, `merge` each into the user turn after it (system text, "
+        "a blank line, the user text) for chat templates without a system role (Gemma's and others that refuse "
+        "one), or `drop` them; merged and dropped turns are counted. Rows a template still refuses are bad rows.",
+        "data",
+        choices=("keep", "merge", "drop"),
     )
     min_score_margin: float = option(
         0.0,

@@ -48,10 +48,13 @@ from dpokit.inference import (
     adapter_base_model,
     answer_questions,
     check_loadable,
+    check_questions,
+    inference_tokenizer,
     load_for_inference,
     load_questions,
     run_folder_of,
     sampling_from_args,
+    system_message_of,
 )
 from dpokit.models import autocast_for
 from dpokit.outputs import ensure_writable, write_atomic, write_jsonl
@@ -77,6 +80,7 @@ class EvalSettings:
     max_prompt_length: int | None = None
     truncation_mode: str = "keep_start"
     bf16: bool | None = None  # None: where the hardware runs it fast
+    system_message: str = "keep"  # as the run was trained (see dpokit.data.chat_template)
 
 
 @torch.no_grad()
@@ -106,7 +110,7 @@ def evaluate_pairs(
     from dpokit.data.encode import apply_length_policy, encode_pairs
 
     encoded = apply_length_policy(
-        encode_pairs(tokenizer, pairs),
+        encode_pairs(tokenizer, pairs, system_message=settings.system_message),
         [p.origin for p in pairs],
         max_length=settings.max_length,
         max_prompt_length=settings.max_prompt_length,
@@ -163,6 +167,7 @@ def _eval_settings(args: argparse.Namespace, run_dir: Path | None) -> tuple[Eval
         max_prompt_length=run_config.max_prompt_length,
         truncation_mode=run_config.truncation_mode,
         bf16=args.bf16,
+        system_message=run_config.system_message,
     )
     return settings, ("--beta" if args.beta is not None else source)
 
@@ -328,6 +333,7 @@ class Contestant:
     model: str | None
     adapter: str | None
     model_id: str
+    system_message: str = "keep"  # what its answers do with system turns (see dpokit.data.chat_template)
 
 
 def contestant_id(model: str | None, adapter: str | None) -> str:
@@ -342,7 +348,7 @@ def contestant_id(model: str | None, adapter: str | None) -> str:
 
 def _answers_of(side: Contestant, questions: Sequence[Question], settings: SamplingSettings, bf16: bool | None):
     model, tokenizer = load_for_inference(side.model, side.adapter)
-    answers = answer_questions(model, tokenizer, questions, settings, bf16)
+    answers = answer_questions(model, tokenizer, questions, settings, bf16, system_message=side.system_message)
     del model  # the memory goes back before the other side's model loads
     gc.collect()
     if torch.cuda.is_available():
@@ -545,7 +551,9 @@ def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant]:
     id_2 = args.name_b or contestant_id(args.model_b, args.adapter_b)
     if id_1 == id_2:
         id_1, id_2 = f"{id_1}-A", f"{id_2}-B"
-    return Contestant(model_a, args.adapter_a, id_1), Contestant(args.model_b, args.adapter_b, id_2)
+    policy_1 = system_message_of(args.adapter_a, args.system_message)
+    policy_2 = system_message_of(args.adapter_b, args.system_message)
+    return Contestant(model_a, args.adapter_a, id_1, policy_1), Contestant(args.model_b, args.adapter_b, id_2, policy_2)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -561,6 +569,8 @@ def run_compare(args: argparse.Namespace) -> int:
         judge.check()  # an endpoint that cannot be reached fails now, not after every answer was generated
         for side in (side_1, side_2):
             check_loadable(side.model, side.adapter)  # model B's mistake is found before model A answers
+            tokenizer = inference_tokenizer(side.model, side.adapter)
+            check_questions(tokenizer, questions, args.prompts, side.system_message, output.resolve().parent)
         summary = compare_models(side_1, side_2, questions, judge, settings, output, bf16=args.bf16, seed=args.seed)
     finally:
         judge.close()

@@ -294,7 +294,7 @@ def read_rows(path: Path, repair: bool) -> list[dict[str, Any]]:
     return rows
 
 
-PROVENANCE_KEYS = ("judge", "model", "adapter", "sampling", "pairing", "min_margin")
+PROVENANCE_KEYS = ("judge", "model", "adapter", "sampling", "pairing", "min_margin", "system_message")
 
 
 def make_provenance(
@@ -317,7 +317,8 @@ def check_provenance(path: Path, rows: Sequence[dict[str, Any]], provenance: dic
         for key in PROVENANCE_KEYS:
             if row.get(key) != provenance.get(key):
                 raise UserError(
-                    f"{path} was made with {key} {json.dumps(row.get(key))}, this run has {json.dumps(provenance[key])}"
+                    f"{path} was made with {key} {json.dumps(row.get(key))}, this run has "
+                    f"{json.dumps(provenance.get(key))}"
                     "; rerun with the same settings to continue it, or give a new --output"
                 )
 
@@ -404,11 +405,13 @@ def generate_pairs(
     distribution: Distribution | None = None,
     show_progress: bool = True,
     bf16: bool | None = None,
+    system_message: str = "keep",
 ) -> Summary:
     """Make pairs for `items` into `output` (resuming it), and return the counts. The Python face of the command.
 
     `model_name` and `adapter` are the names recorded in each row (the loaded `model` cannot tell its own).
     `bf16` samples under bf16 autocast; None uses it where the hardware runs it fast (`models.use_bf16`).
+    `system_message` keeps, merges or drops system turns before the chat template renders them.
     """
     from dpokit.models import use_bf16
 
@@ -417,6 +420,8 @@ def generate_pairs(
     provenance = make_provenance(judge.spec, model_name, adapter, sampling, pairing)
     # recorded, not required to match on resume: it changes numerics, not the recipe
     provenance["bf16"] = use_bf16(next(model.parameters()).device, bf16)
+    if system_message != "keep":  # recorded only when it changes the prompts, so earlier files still match
+        provenance["system_message"] = system_message
     order = {item.key: i for i, item in reversed(list(enumerate(items)))}
     if dist.is_main:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -494,6 +499,7 @@ def _run_batches(
     from dpokit.sampling import generate_responses
 
     device = next(model.parameters()).device
+    policy = provenance.get("system_message", "keep")
     summary = Summary(output=str(output))
     if dist.world_size > 1:
         pairs, skipped = RowWriter(part_path(output, dist.rank)), RowWriter(part_path(skipped_path(output), dist.rank))
@@ -507,7 +513,9 @@ def _run_batches(
                 conversations = [item.messages for item in batch]
                 # bf16 autocast samples ~1.6x faster on an AMX CPU; greedy answers stay the same for dozens of tokens
                 with autocast_for(device, provenance["bf16"]):
-                    answers = generate_responses(model, tokenizer, conversations, settings, advance)
+                    answers = generate_responses(
+                        model, tokenizer, conversations, settings, advance, system_message=policy
+                    )
                 rows, skips, counts = judge_batch(batch, answers, judge, pairing, sampling.seed, provenance)
                 pairs.write(rows)
                 skipped.write(skips)
@@ -613,6 +621,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         judge.check()  # an endpoint that cannot be reached fails now, before the model loads
         tokenizer = load_tokenizer(model_name)
+        items = _accepted_prompts(items, tokenizer, args, output)
         model = load_model(model_name)
         if args.adapter:
             model = load_adapter(model, args.adapter)
@@ -629,6 +638,7 @@ def run(args: argparse.Namespace) -> int:
             adapter=args.adapter,
             distribution=dist,
             bf16=args.bf16,
+            system_message=args.system_message,
         )
     finally:
         judge.close()
@@ -637,6 +647,28 @@ def run(args: argparse.Namespace) -> int:
         if summary.pairs_written == 0:
             log.warning("generate: no new pairs; the reason for each prompt is in %s", skipped_path(output))
     return 0
+
+
+def _accepted_prompts(
+    items: list[PromptItem], tokenizer: Any, args: argparse.Namespace, output: Path
+) -> list[PromptItem]:
+    """The prompts the chat template accepts; the refused are written beside the output, and more than
+    --max-bad-rows of them stop the run before the model loads."""
+    from dpokit.data.chat_template import check_conversations
+
+    refused = check_conversations(
+        tokenizer,
+        [(item.origin, item.messages) for item in items],
+        args.prompts,
+        system_message=args.system_message,
+        max_bad_rows=args.max_bad_rows,
+        rejected_dir=output.parent,
+    )
+    if refused:
+        log.warning(
+            "generate: %d prompts the chat template refused are left out (reasons beside %s)", len(refused), output
+        )
+    return [item for item in items if item.origin not in refused]
 
 
 def _probe_writable(output: Path) -> None:

@@ -69,20 +69,57 @@ def load_for_inference(model_name: str | None, adapter: str | None) -> tuple[Any
     The tokenizer comes from the adapter folder when training saved one there (it holds the chat template the
     adapter was trained with), else from the base model with the chat template of the adapter's run, if any.
     """
-    from dpokit.models import load_adapter, load_model, load_tokenizer
+    from dpokit.models import load_adapter, load_model
 
     model_name = _model_of(model_name, adapter)
-    has_own_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
-    if has_own_tokenizer:
-        tokenizer = load_tokenizer(str(adapter))
-    else:
-        tokenizer = load_tokenizer(model_name, chat_template=_run_chat_template(adapter))
+    tokenizer = inference_tokenizer(model_name, adapter)
     model = load_model(model_name)
     if adapter is not None:
         model = load_adapter(model, adapter)
     model.to(process_state().device)
     model.eval()
     return model, tokenizer
+
+
+def inference_tokenizer(model_name: str | None, adapter: str | None) -> Any:
+    """The tokenizer `load_for_inference` gives, without the model: to check prompts before weights load."""
+    from dpokit.models import load_tokenizer
+
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(adapter))
+    return load_tokenizer(_model_of(model_name, adapter), chat_template=_run_chat_template(adapter))
+
+
+def system_message_of(adapter: str | None, given: str | None) -> str:
+    """How answers treat system turns: as `--system-message` says, else as the adapter's run was trained."""
+    from dpokit.config import load_config
+
+    if given is not None:
+        return given
+    run_dir = run_folder_of(adapter)
+    return load_config(run_dir / RUN_CONFIG).system_message if run_dir is not None else "keep"
+
+
+def check_questions(
+    tokenizer: Any,
+    questions: Sequence[Question],
+    source: str,
+    system_message: str,
+    rejected_dir: str | os.PathLike | None = None,
+) -> None:
+    """Stop with one line, before any answer, when the chat template refuses a question's conversation (each
+    later turn rendered after a stand-in answer); the refused are written beside the output."""
+    from dpokit.data.chat_template import check_conversations
+
+    conversations = []
+    for q in questions:
+        messages: list[Message] = list(q.context)
+        for turn, text in enumerate(q.turns):
+            if turn:
+                messages.append({"role": "assistant", "content": "(answer)"})
+            messages.append({"role": "user", "content": text})
+        conversations.append((f"{source}: question {q.question_id}", messages))
+    check_conversations(tokenizer, conversations, source, system_message=system_message, rejected_dir=rejected_dir)
 
 
 def check_loadable(model_name: str | None, adapter: str | None) -> None:
@@ -185,6 +222,7 @@ def answer_questions(
     settings: SamplingSettings,
     bf16: bool | None = None,
     on_batch: Callable[[int], None] | None = None,
+    system_message: str = "keep",
 ) -> list[list[str]]:
     """Each question's answers, one per turn; a later turn is asked in the conversation holding the earlier
     answers of the same model, as MT-Bench does. `on_batch(n)` reports n answers done."""
@@ -196,7 +234,9 @@ def answer_questions(
         for i in active:
             conversations[i].append({"role": "user", "content": questions[i].turns[turn]})
         with autocast_for(device, bf16):
-            outputs = generate_responses(model, tokenizer, [conversations[i] for i in active], settings, on_batch)
+            outputs = generate_responses(
+                model, tokenizer, [conversations[i] for i in active], settings, on_batch, system_message=system_message
+            )
         for i, samples in zip(active, outputs, strict=True):
             answers[i].append(samples[0])
             conversations[i].append({"role": "assistant", "content": samples[0]})

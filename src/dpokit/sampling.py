@@ -41,17 +41,22 @@ def generate_responses(
     settings: SamplingSettings,
     on_batch: Callable[[int], None] | None = None,
     answer_prefix: str = "",
+    system_message: str = "keep",
 ) -> list[list[str]]:
     """`settings.num_samples` answers to each conversation, in order; `on_batch(n)` reports n answers done.
 
     Each generate() call is seeded from `settings.seed` and the index of its first prompt, so the same prompts
     with the same settings give the same answers. `answer_prefix` is written as the start of every answer (the
     model continues it; the returned answers leave it out), which is how an LLM judge is held to its reply format.
+    `system_message` keeps, merges or drops system turns before the chat template renders them; a conversation the
+    template refuses raises `TemplateRefused` (callers check their prompts first with `check_conversations`).
     """
+    from dpokit.data.chat_template import apply_system_message, render_chat
+
     model.eval()
     device = next(model.parameters()).device
     rendered = [
-        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + answer_prefix
+        render_chat(tokenizer, apply_system_message(c, system_message), add_generation_prompt=True) + answer_prefix
         for c in conversations
     ]
     greedy = settings.temperature <= 0

@@ -32,7 +32,7 @@ from dpokit import checkpoint as ckpt
 from dpokit.config import DPOConfig, load_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
 from dpokit.data.collate import Batch, collate
-from dpokit.data.encode import EncodedDataset, apply_length_policy, encode_pairs
+from dpokit.data.encode import EncodedDataset, apply_length_policy, encode_loaded
 from dpokit.data.formats import Options
 from dpokit.data.inspect import dataset_stats
 from dpokit.data.load import load_pairs
@@ -625,7 +625,14 @@ def load_split(cfg: DPOConfig, tokenizer: Any, which: str, console: Any) -> tupl
         max_bad_rows=cfg.max_bad_rows,
         rejected_dir=cfg.output_dir,
     )
-    encoded = encode_pairs(tokenizer, loaded.pairs)
+    loaded, encoding = encode_loaded(
+        tokenizer,
+        loaded,
+        system_message=cfg.system_message,
+        max_bad_rows=cfg.max_bad_rows,
+        rejected_dir=cfg.output_dir,
+    )
+    encoded = encoding.encoded
     limits = dict(
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
@@ -638,7 +645,7 @@ def load_split(cfg: DPOConfig, tokenizer: Any, which: str, console: Any) -> tupl
     effects = "".join(f"; {n} {what}" for what, n in data.counts.items() if n)
     console.print(f"{which} data: {len(data)} pairs to train on{effects}")
     stats = dataset_stats(loaded, encoded, tokenizer_name=cfg.model_name_or_path, **limits)
-    for warning in stats["warnings"]:
+    for warning in stats["warnings"] + encoding.warnings():
         console.print(f"{which} data warning: {warning}")
     return data, stats
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.data import BadRow, LoadedPairs, Pair
-from dpokit.data.encode import EncodedPair, apply_length_policy, encode_pairs
+from dpokit.data.encode import EncodedPair, PairEncoding, apply_length_policy, encode_checked
 from dpokit.data.formats import EMPTY_RESPONSE, FORMATS, Options
 from dpokit.errors import UserError
 
@@ -232,7 +232,8 @@ def dataset_stats(
 
 def run(args: argparse.Namespace) -> int:
     """`dpokit data inspect DATA`: print the statistics (or JSON), write the plot; exit 2 on too many bad rows."""
-    from dpokit.data.load import PairReader, too_many_bad_rows, write_rejected
+    from dpokit.data.chat_template import bad_rows_error
+    from dpokit.data.load import PairReader, write_rejected
 
     options = options_from_args(args)
     check_limits(args.max_length, args.max_prompt_length)
@@ -243,27 +244,34 @@ def run(args: argparse.Namespace) -> int:
     first = next(pair_chunks, [])  # a missing or unreadable source fails here, before the tokenizer loads
     tokenizer, tokenizer_name = tokenizer_from_args(args)
     lengths = PairLengths(args.max_length, args.max_prompt_length, args.truncation_mode, args.length_policy)
+    encoding = PairEncoding()  # what the chat template refused or changed, summed over the chunks
     for chunk in itertools.chain([first], pair_chunks):
-        lengths.add(chunk, encode_pairs(tokenizer, chunk))
-    rejected_file = str(write_rejected(reader.bad_rows, args.data, None)) if reader.bad_rows else None
+        chunk_encoding = encode_checked(tokenizer, chunk, system_message=args.system_message)
+        lengths.add(chunk_encoding.pairs, chunk_encoding.encoded)
+        encoding.add(chunk_encoding)
+    bad_rows = reader.bad_rows + encoding.refused
+    rejected_file = str(write_rejected(bad_rows, args.data, None)) if bad_rows else None
     stats = summarize(
         lengths,
         source=args.data,
         data_format=reader.format or "unknown",
         detected=reader.detected,
         rows=reader.rows,
-        bad_rows=reader.bad_rows,
-        counts=dict(reader.counts),
+        bad_rows=bad_rows,
+        counts=dict(reader.counts + Counter(encoding.counts)),
         rejected_file=rejected_file,
         tokenizer_name=tokenizer_name,
     )
+    stats["warnings"] += encoding.warnings()
     if args.json:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
     else:
-        print_stats(stats, reader.bad_rows)
+        print_stats(stats, bad_rows)
     if args.plot:
         write_plot(lengths, args.plot, stats)
-    error = too_many_bad_rows(reader.bad_rows, rejected_file, args.max_bad_rows)
+    total = encoding.total + len(encoding.refused)
+    merge = "--system-message merge"
+    error = bad_rows_error(encoding.refused, bad_rows, total, args.data, rejected_file, args.max_bad_rows, merge)
     if error:
         raise error
     if not stats["pairs"]:

@@ -1,6 +1,8 @@
 """`dpokit data prepare`: any supported layout in, clean conversational train/test triplets out.
 
 Every pair becomes a conversational triplet (a standard text pair becomes a user turn and assistant turns).
+With --model, --chat-template or --system-message, each triplet is also rendered with that chat template: system
+turns are merged or dropped as asked, and triplets the template refuses are left out as bad rows.
 Exact duplicates and pairs whose chosen equals rejected are removed, over-long pairs too when a limit is given,
 and a test split is held out whole prompts at a time, so no prompt is in both files. The training triplets go to
 OUT.jsonl, the test ones to OUT.test.jsonl beside it, and one line accounts for every row read. Files that exist
@@ -10,6 +12,7 @@ already are replaced only with --overwrite.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dpokit.data import Pair
-from dpokit.data.encode import apply_length_policy, encode_pairs
+from dpokit.data.encode import apply_length_policy, encode_loaded, encode_pairs
 from dpokit.data.formats import to_conversational
 from dpokit.data.inspect import options_from_args, tokenizer_from_args
 from dpokit.data.load import load_pairs
@@ -45,6 +48,16 @@ def run(args: argparse.Namespace) -> int:
     )
     removed: Counter[str] = Counter()
     pairs = deduplicate([to_conversational(pair) for pair in loaded.pairs], removed)
+    if checks_template(args):
+        loaded, _ = encode_loaded(
+            tokenizer_from_args(args)[0],
+            dataclasses.replace(loaded, pairs=pairs),
+            system_message=args.system_message,
+            max_bad_rows=args.max_bad_rows,
+            rejected_dir=train_path.parent,
+            merge_setting="--system-message merge",
+        )
+        pairs = loaded.pairs
     if args.max_length is not None or args.filter_percentile is not None:
         pairs = filter_lengths(pairs, args, removed)
     train, test = split_by_prompt(pairs, args.test_size, args.seed)
@@ -78,6 +91,12 @@ def output_paths(output: str, source: str, overwrite: bool = False) -> tuple[Pat
         what = " and ".join(existing) + (" exist" if len(existing) > 1 else " exists")
         raise UserError(f"--output: {what} already; add --overwrite to replace, or choose another --output")
     return train_path, test_path
+
+
+def checks_template(args: argparse.Namespace) -> bool:
+    """Whether the triplets are rendered with a chat template before writing: when a model, a template or a
+    system_message policy is named, so rows it refuses are bad rows here rather than at training."""
+    return bool(args.model or args.chat_template or args.system_message != "keep")
 
 
 def _check_arguments(args: argparse.Namespace) -> None:

@@ -9,10 +9,13 @@ file does not hold it in memory. A `.json` file holding one JSON array is the ex
 boundaries, so it is parsed whole; JSONL or Parquet are the shapes for large data.
 
 Sources:
-- a `.jsonl`, `.json`, `.csv` or `.parquet` file;
+- a `.jsonl`, `.json`, `.csv`, `.parquet` or `.arrow` file (Arrow files read memory-mapped, batch by batch);
+- a folder written by `datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict` with one folder per split),
+  known by its `state.json` or `dataset_dict.json` and loaded memory-mapped with `datasets.load_from_disk`;
 - a folder of such files (searched recursively): when some file names carry a split (`train.jsonl`,
   `test-00000-of-00001.parquet`, `train_prefs-*.parquet`, `pairs.test.jsonl`, or a `train/` subfolder), only
-  the requested split's files are read, files without a split name counting as `train`; otherwise all of them;
+  the requested split's files are read, files without a split name counting as `train`; otherwise all of them.
+  `datasets`' metadata files (`dataset_info.json`, `state.json`, ...) are never read as data;
 - anything else is taken as a Hugging Face hub dataset id, loaded through `datasets.load_dataset` (which also
   reads its local cache when there is no network).
 """
@@ -35,10 +38,13 @@ log = logging.getLogger(__name__)
 
 Row = tuple[str, "dict[str, Any] | BadRow"]
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+# what `datasets` writes beside the data (save_to_disk, the hub's older layout): metadata, never rows
+DATASETS_METADATA = ("dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json")
 KNOWN_SPLITS = ("train", "test", "validation", "valid", "val", "dev", "eval")
 REJECTED_SUFFIX = ".rejected.jsonl"  # our own side files of bad rows, never read back as data
 PARQUET_BATCH_ROWS = 256
+ARROW_BATCH_ROWS = 256
 
 # Kinds of bad rows that the source itself finds (formats add theirs).
 INVALID_JSON = "invalid JSON"
@@ -50,7 +56,9 @@ WRONG_FIELD_COUNT = "wrong number of fields"
 def iter_rows(source: str, split: str = "train", data_config: str | None = None) -> Iterator[Row]:
     """Rows of a local file, a folder of files, or a hub dataset; `split` and `data_config` pick a part of it."""
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_dir() and is_saved_dataset(path):
+        yield from _iter_saved(path, split)
+    elif path.is_dir():
         for file in folder_files(path, split):
             yield from _iter_file(file)
     elif path.exists():
@@ -75,9 +83,17 @@ def _iter_file(path: Path) -> Iterator[Row]:
     suffix = path.suffix.lower()
     if suffix not in FILE_SUFFIXES:
         raise UserError(
-            f"data file {path}: unknown file type `{suffix or '(none)'}`; use .jsonl, .json, .csv or .parquet"
+            f"data file {path}: unknown file type `{suffix or '(none)'}`; use .jsonl, .json, .csv, .parquet or .arrow"
         )
-    readers = {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv, ".parquet": _iter_parquet}
+    if path.name in DATASETS_METADATA:
+        raise UserError(f"data file {path} is `datasets` metadata, not rows; give the folder {path.parent} instead")
+    readers = {
+        ".jsonl": _iter_jsonl,
+        ".json": _iter_json,
+        ".csv": _iter_csv,
+        ".parquet": _iter_parquet,
+        ".arrow": _iter_arrow,
+    }
     count = 0
     for item in readers[suffix](path):
         count += 1
@@ -91,7 +107,7 @@ def _iter_file(path: Path) -> Iterator[Row]:
 
 def folder_files(folder: Path, split: str) -> list[Path]:
     """The data files of `split` in `folder`, or all of its data files when none is named after a split."""
-    files = sorted(
+    candidates = sorted(
         p
         for p in folder.rglob("*")
         if p.is_file()
@@ -99,8 +115,22 @@ def folder_files(folder: Path, split: str) -> list[Path]:
         and not p.name.endswith(REJECTED_SUFFIX)
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+    files = [p for p in candidates if p.name not in DATASETS_METADATA]
     if not files:
-        raise UserError(f"data folder {folder} holds no .jsonl, .json, .csv or .parquet files")
+        raise UserError(f"data folder {folder} holds no .jsonl, .json, .csv, .parquet or .arrow files")
+    chosen = _split_files(folder, files, split)
+    metadata = [p for p in candidates if p.name in DATASETS_METADATA]
+    if metadata:  # a folder mixing data with `datasets` metadata: say what was read, so nothing is a guess
+        log.warning(
+            "%s: read %s as data; left out `datasets` metadata %s",
+            folder,
+            ", ".join(str(f.relative_to(folder)) for f in chosen),
+            ", ".join(str(f.relative_to(folder)) for f in metadata),
+        )
+    return chosen
+
+
+def _split_files(folder: Path, files: list[Path], split: str) -> list[Path]:
     labels = {file: split_of(file, folder, split) for file in files}
     if all(label is None for label in labels.values()):
         return files
@@ -125,13 +155,16 @@ def split_of(file: Path, folder: Path, requested: str) -> str | None:
 
     A name counts as a split when it is a usual one (train, test, validation, ...), one of those followed by
     `_` (train_prefs, test_data), or the requested split. It sits first or last in the file name, between `-`
-    and `.` (train.jsonl, test-00000-of-00001.parquet, pairs.test.jsonl).
+    and `.` (train.jsonl, test-00000-of-00001.parquet, pairs.test.jsonl), or names the first subfolder, or the
+    split folder of a saved `DatasetDict` (`saved/test/data-00000-of-00001.arrow`).
     """
     tokens = re.split(r"[-.]", file.stem.lower())
     candidates = [tokens[0], tokens[-1]]
     relative = file.relative_to(folder)
     if len(relative.parts) > 1:
         candidates.append(relative.parts[0].lower())
+    if file.parent != folder and (file.parent / "state.json").is_file():  # a split folder of a saved DatasetDict
+        candidates.append(file.parent.name.lower())
     for name in candidates:
         if name == requested.lower() or name in KNOWN_SPLITS or name.split("_")[0] in KNOWN_SPLITS:
             return name
@@ -250,6 +283,78 @@ def _iter_parquet(path: Path) -> Iterator[Row]:
         for row in batch.to_pylist():
             number += 1
             yield f"{path}:{number}", row
+
+
+def _iter_arrow(path: Path) -> Iterator[Row]:
+    """An Arrow file: the streaming format `datasets` writes (`data-00000-of-00001.arrow`) or the random-access
+    file format (Feather v2), memory-mapped and read batch by batch."""
+    import pyarrow
+
+    try:
+        source = pyarrow.memory_map(str(path))
+        try:
+            batches: Any = pyarrow.ipc.open_stream(source)
+        except pyarrow.ArrowInvalid:
+            reader = pyarrow.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(f"data file {path} is not a readable Arrow file ({str(e).splitlines()[0]})") from None
+    number = 0
+    for batch in batches:
+        for start in range(0, batch.num_rows, ARROW_BATCH_ROWS):
+            for row in batch.slice(start, ARROW_BATCH_ROWS).to_pylist():
+                number += 1
+                yield f"{path}:{number}", row
+
+
+# --- folders written by `datasets` ------------------------------------------------------------------------------------
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (state.json) or `DatasetDict.save_to_disk` (dataset_dict.json)."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _iter_saved(folder: Path, split: str) -> Iterator[Row]:
+    """Rows of a `save_to_disk` folder, memory-mapped by `datasets`; a `DatasetDict` gives the split asked for
+    (a saved `Dataset` is one split, and is read whatever the split, as a file is)."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(folder))
+    except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"data folder {folder} looks saved by `datasets` but cannot be loaded ({reason})") from None
+    where = str(folder)
+    if isinstance(saved, datasets.DatasetDict):
+        name = pick_split(list(saved), split, f"saved dataset {folder}")
+        log.info("%s: reading split %s", folder, name)
+        saved, where = saved[name], f"{folder}[{name}]"
+    if len(saved) == 0:
+        raise UserError(f"data {where} is empty: it holds no rows")
+    saved = saved.with_format(None)  # plain Python values, whatever format (torch, numpy) it was saved with
+    number = 0
+    # batches of columns, turned into rows here: several times faster than iterating the dataset row by row
+    for batch in saved.iter(batch_size=ARROW_BATCH_ROWS):
+        columns = list(batch)
+        for values in zip(*batch.values(), strict=True):
+            number += 1
+            yield f"{where}:{number}", dict(zip(columns, values, strict=True))
+
+
+def pick_split(available: list[str], split: str, what: str) -> str:
+    """The split named `split`, else the one split that starts with `split_` (`test` finds `test_prefs`)."""
+    if split in available:
+        return split
+    prefixed = [name for name in available if name.split("_")[0] == split]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    if prefixed:
+        raise UserError(f"{what}: splits {', '.join(prefixed)} all match split `{split}`; pick one")
+    raise UserError(
+        f"{what} has splits {', '.join(available)} but none named `{split}`; set train_split / eval_split "
+        "(--split for the commands) to one of them"
+    )
 
 
 # --- the hub ----------------------------------------------------------------------------------------------------------
