@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpokit.data import Message, Pair, Text
+from dpokit.data.messages import MessageError, read_message, rename_fields
 from dpokit.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -51,6 +52,7 @@ TIED = "dropped: tied scores"
 UNDER_MARGIN = "dropped: score gap not above min_score_margin"
 TOO_FEW_RESPONSES = "dropped: fewer than two responses"
 TRIMMED = "trimmed: multi-turn rows cut back to the first differing assistant turn"
+EMPTY_KEPT = "kept as given: an empty chosen or rejected response"
 
 
 class RowError(ValueError):
@@ -70,10 +72,13 @@ class Dropped:
 
 @dataclass(frozen=True)
 class Adjusted:
-    """A pair made after a change to its row that must not go unnoticed; `reason` is the counter it adds to."""
+    """A pair made after a change to its row, or kept with an oddity, that must not go unnoticed: `reason` is the
+    counter it adds to; a `note` (with its bad-row kind) goes to the side file with the row."""
 
     pair: Pair
     reason: str
+    note: str = ""
+    note_kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,29 @@ class Format:
     detect: Callable[[dict[str, Any]], bool]
     normalize: Normalizer
     columns: str = ""  # the columns it reads, for `dpokit data formats`
+    reads: tuple[str, ...] = ()  # column names it reads: the evidence of a detection, and how specific it is
+    unused: tuple[str, ...] = ()  # columns it recognizes but does not train on (said when detected)
+    refusal: str = ""  # for layouts that hold no pairs: why, and what to do instead
+
+    def matched(self, row: dict[str, Any]) -> list[str]:
+        """The columns of `row` this layout reads: what detection printed as its evidence."""
+        return [name for name in self.reads if name in row]
+
+    def evidence(self, row: dict[str, Any]) -> str:
+        """ "columns a, b, c", and the recognized columns that are not used."""
+        text = "columns " + ", ".join(self.matched(row) or sorted(row))
+        unused = [name for name in self.unused if _holds(row, name)]
+        return text + (f"; not used: {', '.join(unused)}" if unused else "")
+
+
+def _holds(row: dict[str, Any], path: str) -> bool:
+    """Whether `row` has the (dotted, for nested objects) column `path`."""
+    value: Any = row
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return False
+        value = value[key]
+    return True
 
 
 # --- checks shared by every layout ------------------------------------------------------------------------------------
@@ -116,27 +144,25 @@ def check_text(value: Any, column: str, allow_empty: bool = False, empty_kind: s
 
 
 def check_messages(value: Any, column: str) -> list[Message]:
-    """A list of `{role, content}` messages with known roles and text content."""
+    """A list of messages with known roles and text content (see `dpokit.data.messages` for the names read)."""
     if not isinstance(value, list):
         raise RowError(f"column {column!r} must be a list of messages, got {type(value).__name__}", WRONG_TYPE)
     if not value:
         raise RowError(f"column {column!r} has no messages", EMPTY_TEXT)
-    messages: list[Message] = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RowError(f"column {column!r} message {i} must be an object with role and content", WRONG_TYPE)
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise RowError(f"column {column!r} message {i} has unknown role {role!r}", ROLES_OUT_OF_ORDER)
-        if not isinstance(content, str):
-            kind = type(content).__name__
-            raise RowError(f"column {column!r} message {i} content must be text, got {kind}", WRONG_TYPE)
-        messages.append({"role": role, "content": content})
-    return messages
+    return [check_message(message, f"column {column!r} message {i}") for i, message in enumerate(value)]
+
+
+def check_message(value: Any, label: str) -> Message:
+    """One message, with the role and content field names and role names of other tools read as ours."""
+    try:
+        return read_message(value, label)
+    except MessageError as e:
+        raise RowError(str(e), e.kind) from None
 
 
 def check_conversation(prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> None:
-    """Roles in order: the prompt ends on a user (or tool) turn and each response ends on a non-empty assistant turn."""
+    """Roles in order: the prompt ends on a user (or tool) turn and each response is assistant turns (empty ones
+    too: see `kept_as_given`)."""
     for name, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         for i, message in enumerate(messages):
             if message["role"] == "system" and not (name == "prompt" and i == 0):
@@ -150,8 +176,6 @@ def check_conversation(prompt: list[Message], chosen: list[Message], rejected: l
             raise RowError(f"last turn of {name} is not an assistant turn", LAST_TURN_NOT_ASSISTANT)
         if messages[0]["role"] != "assistant":
             raise RowError(f"roles out of order: {name} must start with an assistant turn", ROLES_OUT_OF_ORDER)
-        if not messages[-1]["content"].strip():
-            raise RowError(f"{name} response is empty", EMPTY_RESPONSE)
 
 
 def check_score(value: Any, column: str) -> float:
@@ -181,13 +205,11 @@ def assistant(text: str) -> Message:
 def as_text_pair(prompt: Any, chosen: Any, rejected: Any, labels: tuple[str, str, str] | None = None) -> Pair:
     """TRL's explicit-prompt meaning: three texts make a standard pair; any message list makes the pair
     conversational (a text prompt becomes a user message, text responses assistant messages)."""
-    if any(isinstance(value, list) for value in (prompt, chosen, rejected)):
+    if any(isinstance(value, list | dict) for value in (prompt, chosen, rejected)):
         return as_chat_pair(prompt, chosen, rejected, labels)
     p, c, r = labels or ("prompt", "chosen", "rejected")
     return Pair(
-        check_text(prompt, p),
-        check_text(chosen, c, empty_kind=EMPTY_RESPONSE),
-        check_text(rejected, r, empty_kind=EMPTY_RESPONSE),
+        check_text(prompt, p), check_text(chosen, c, allow_empty=True), check_text(rejected, r, allow_empty=True)
     )
 
 
@@ -203,8 +225,11 @@ def as_chat_pair(prompt: Any, chosen: Any, rejected: Any, labels: tuple[str, str
 
 
 def _response_messages(value: Any, column: str) -> list[Message]:
+    """A response as assistant messages: a text, one message object, or a list of messages."""
     if isinstance(value, str):
-        return [assistant(check_text(value, column, empty_kind=EMPTY_RESPONSE))]
+        return [assistant(value)]
+    if isinstance(value, dict):
+        return [check_message(value, f"column {column!r}")]
     return check_messages(value, column)
 
 
@@ -256,9 +281,6 @@ def split_texts(chosen: str, rejected: str) -> Pair:
     prompt, chosen_response, rejected_response = chosen[:cut], chosen[cut:], rejected[cut:]
     if not prompt.strip():
         raise RowError("chosen and rejected share no prompt text at their start", NO_SHARED_PROMPT)
-    for name, response in (("chosen", chosen_response), ("rejected", rejected_response)):
-        if not response.strip():
-            raise RowError(f"{name} response is empty after the shared prompt", EMPTY_RESPONSE)
     return Pair(prompt, chosen_response, rejected_response)
 
 
@@ -283,8 +305,7 @@ def _implicit_prompt(
     need_columns(row, "chosen", "rejected")
     chosen, rejected = row["chosen"], row["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
-        chosen_text = check_text(chosen, labels[0], empty_kind=EMPTY_RESPONSE)
-        return split_texts(chosen_text, check_text(rejected, labels[1], empty_kind=EMPTY_RESPONSE))
+        return split_texts(chosen, rejected)
     return split_conversations(check_messages(chosen, labels[0]), check_messages(rejected, labels[1]), options)
 
 
@@ -452,22 +473,63 @@ def _response_text(item: Any, label: str) -> Any:
 
 def _columns(row: dict[str, Any], options: Options) -> Normalized:
     """Any layout, through the user's mapping of prompt/chosen/rejected to column names."""
-    mapping = options.columns or {}
+    mapping = {key: column for key, column in (options.columns or {}).items() if key in PAIR_KEYS}
     missing = [f"{column!r} (mapped to {key})" for key, column in mapping.items() if column not in row]
     if missing:
         raise RowError(f"missing column {', '.join(missing)}", MISSING_COLUMN)
-    values = {key: row[column] for key, column in mapping.items()}
+    fields = (options.columns or {}).get("role"), (options.columns or {}).get("content")
+    values = {key: rename_fields(row[column], *fields) for key, column in mapping.items()}
     if "prompt" in values:
         labels = (mapping["prompt"], mapping["chosen"], mapping["rejected"])
         return as_text_pair(values["prompt"], values["chosen"], values["rejected"], labels)
     return _implicit_prompt(values, options, (mapping["chosen"], mapping["rejected"]))
 
 
+PAIR_KEYS = ("prompt", "chosen", "rejected")  # what `columns:` maps to columns; `role`, `content` name message fields
+
+
+def kept_as_given(normalize: Normalizer) -> Normalizer:
+    """`normalize`, with the empty-response policy every layout shares.
+
+    A pair with an empty (or blank) chosen or rejected response is kept as it is, as TRL trains on it: it is
+    counted, warned about, and listed in the side file with its row. Both responses empty compare nothing, so
+    such a row is bad (as identical chosen and rejected).
+    """
+
+    def checked(row: dict[str, Any], options: Options) -> Normalized:
+        result = normalize(row, options)
+        if isinstance(result, Dropped):
+            return result
+        pair = result.pair if isinstance(result, Adjusted) else result
+        empty = [name for name, text in (("chosen", pair.chosen), ("rejected", pair.rejected)) if _blank(text)]
+        if not empty:
+            return result
+        if len(empty) == 2:
+            raise RowError("chosen and rejected responses are both empty: nothing to compare", IDENTICAL)
+        note = f"{empty[0]} response is empty; kept as given"
+        reason = result.reason if isinstance(result, Adjusted) else EMPTY_KEPT
+        return Adjusted(pair, reason, note, EMPTY_RESPONSE)
+
+    return checked
+
+
+def _blank(response: Text) -> bool:
+    return not (response if isinstance(response, str) else response[-1]["content"]).strip()
+
+
 FORMATS: dict[str, Format] = {}
 
 
-def register(fmt: Format) -> Format:
-    FORMATS[fmt.name] = fmt
+def register(fmt: Format, before: str | None = None) -> Format:
+    """Add a layout (its normalizer under the shared empty-response policy), last or ahead of `before`."""
+    from dataclasses import replace
+
+    fmt = fmt if fmt.refusal else replace(fmt, normalize=kept_as_given(fmt.normalize))
+    entries = [(name, f) for name, f in FORMATS.items() if name != fmt.name]
+    at = next((i for i, (name, _) in enumerate(entries) if name == before), len(entries))
+    entries.insert(at, (fmt.name, fmt))
+    FORMATS.clear()
+    FORMATS.update(entries)
     return fmt
 
 
@@ -483,6 +545,7 @@ register(
         ),
         lambda row, options: _binarized(*_rating_columns(row))(row, options),
         "prompt, chosen, rejected (message lists), chosen-rating, rejected-rating",
+        reads=("prompt", "chosen", "rejected", "chosen-rating", "rejected-rating", "chosen_rating", "rejected_rating"),
     )
 )
 
@@ -499,6 +562,7 @@ register(
         lambda row: {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"} <= set(row),
         _binarized("score_chosen", "score_rejected"),
         "prompt, chosen, rejected (message lists), score_chosen, score_rejected",
+        reads=("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
     )
 )
 register(
@@ -508,6 +572,7 @@ register(
         lambda row: {"question", "chosen", "rejected"} <= set(row) and "prompt" not in row,
         _orca,
         "system (optional), question, chosen, rejected",
+        reads=("system", "question", "chosen", "rejected"),
     )
 )
 register(
@@ -517,6 +582,7 @@ register(
         lambda row: {"question", "response_j", "response_k"} <= set(row),
         _stack_exchange,
         "question, response_j, response_k",
+        reads=("question", "response_j", "response_k"),
     )
 )
 register(
@@ -528,6 +594,7 @@ register(
         _looks_rated,
         _rated,
         "prompt|instruction|question, responses|completions, scores|ratings|rewards (or a score in each response)",
+        reads=RATED_PROMPTS + RATED_RESPONSES + RATED_SCORES,
     )
 )
 register(
@@ -538,6 +605,7 @@ register(
         _looks_hh,
         _hh_rlhf,
         "chosen, rejected (transcripts)",
+        reads=("chosen", "rejected"),
     )
 )
 register(
@@ -548,6 +616,7 @@ register(
         lambda row: {"prompt", "chosen", "rejected"} <= set(row),
         _explicit_prompt,
         "prompt, chosen, rejected",
+        reads=("prompt", "chosen", "rejected"),
     )
 )
 register(
@@ -558,6 +627,7 @@ register(
         lambda row: {"chosen", "rejected"} <= set(row) and "prompt" not in row,
         _implicit_prompt,
         "chosen, rejected",
+        reads=("chosen", "rejected"),
     )
 )
 register(
@@ -572,7 +642,7 @@ register(
 
 
 def detect_format(row: dict[str, Any], source: str) -> Format:
-    """The first registered format whose test accepts `row` (registration order goes from specific to general)."""
+    """The layout `find_format` picks for `row`, or the error naming its columns."""
     fmt = find_format(row)
     if fmt is None:
         raise unknown_format(row, source)
@@ -580,7 +650,15 @@ def detect_format(row: dict[str, Any], source: str) -> Format:
 
 
 def find_format(row: dict[str, Any]) -> Format | None:
-    return next((fmt for fmt in FORMATS.values() if fmt.detect(row)), None)
+    """The layout that recognizes `row` by the most of its columns: where two could read it, the more specific
+    wins (`sharegpt` over `implicit` for conversations, chosen, rejected); on a tie, the one listed first."""
+    candidates = [fmt for fmt in FORMATS.values() if fmt.detect(row)]
+    return max(candidates, key=lambda fmt: len(fmt.matched(row)), default=None)
+
+
+def refused(fmt: Format, row: dict[str, Any], source: str) -> UserError:
+    """The error for a layout that holds no pairs, detected in `source`."""
+    return UserError(f"{source}: format {fmt.name} ({fmt.evidence(row)}): {fmt.refusal}")
 
 
 def unknown_format(row: dict[str, Any], source: str) -> UserError:
@@ -604,3 +682,7 @@ def text_of(value: Text) -> str:
     if isinstance(value, str):
         return value
     return "\n".join(m["content"] for m in value)
+
+
+# The layouts of other training tools (and the non-pair ones refused) register themselves on import.
+from dpokit.data import tool_layouts  # noqa: E402, F401

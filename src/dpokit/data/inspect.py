@@ -406,8 +406,11 @@ def parse_columns(text: str | None) -> dict[str, str] | None:
     example = "'{prompt: question, chosen: good, rejected: bad}'"
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise UserError(f"--columns {text!r}: expected a mapping like {example}")
-    if not {"chosen", "rejected"} <= set(value) <= {"prompt", "chosen", "rejected"}:
-        raise UserError(f"--columns {text!r}: map chosen, rejected and optionally prompt, like {example}")
+    if not {"chosen", "rejected"} <= set(value) <= {"prompt", "chosen", "rejected", "role", "content"}:
+        raise UserError(
+            f"--columns {text!r}: map chosen, rejected and optionally prompt (and role, content: the fields of "
+            f"your messages), like {example}"
+        )
     return value
 
 
