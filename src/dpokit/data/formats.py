@@ -52,7 +52,8 @@ TIED = "dropped: tied scores"
 UNDER_MARGIN = "dropped: score gap not above min_score_margin"
 TOO_FEW_RESPONSES = "dropped: fewer than two responses"
 TRIMMED = "trimmed: multi-turn rows cut back to the first differing assistant turn"
-EMPTY_KEPT = "kept as given: an empty chosen or rejected response"
+KEPT_AS_GIVEN = "kept as given"  # the start of the counters of pairs kept with an oddity
+EMPTY_KEPT = f"{KEPT_AS_GIVEN}: an empty chosen or rejected response"
 
 
 class RowError(ValueError):
