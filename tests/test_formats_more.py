@@ -344,12 +344,10 @@ def test_train_runs_on_data_with_an_empty_response_and_says_so(tmp_path, capsys,
     out = tmp_path / "run"
     argv = ["train", f"model_name_or_path={tiny_model_dir}", f"train_data={data}", f"output_dir={out}", "max_steps=1"]
     assert main([*argv, "bf16=false", "per_device_train_batch_size=2"]) == 0
-    printed = capsys.readouterr()
-    assert "train data: 6 pairs to train on" in printed.out
-    assert (
-        f"1 pair with an empty chosen or rejected response, kept as given (TRL trains on them too); listed in {out / 'pairs.rejected.jsonl'}"
-        in printed.out
-    )
+    printed = capsys.readouterr().err  # the run's console writes to stderr
+    assert "train data: 6 pairs to train on" in printed
+    warning = "1 pair with an empty chosen or rejected response, kept as given (TRL trains on them too); listed in"
+    assert f"train data warning: {warning} {out / 'pairs.rejected.jsonl'}" in printed
     (note,) = [json.loads(line) for line in (out / "pairs.rejected.jsonl").read_text().splitlines()]
     assert (note["origin"], note["kind"], note["reason"]) == (
         f"{data}:4",
