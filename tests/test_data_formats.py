@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dpokit.data import Pair
+from dpokit.data.dataset_layouts import parse_hh
 from dpokit.data.formats import (
     CONTRADICTING_SCORES,
     DIFFER_EARLY,
@@ -31,7 +32,6 @@ from dpokit.data.formats import (
     Options,
     RowError,
     get_format,
-    parse_hh,
     split_texts,
     to_conversational,
 )

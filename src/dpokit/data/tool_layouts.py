@@ -24,6 +24,8 @@ from typing import Any
 
 from dpokit.data import Message
 from dpokit.data.formats import (
+    REFUSED,
+    TOOLS,
     WRONG_TYPE,
     Adjusted,
     Format,
@@ -216,7 +218,7 @@ def _looks_scored(row: dict[str, Any]) -> bool:
     return (per_text or per_response) and "chosen" not in row
 
 
-REFUSED = [
+REFUSED_LAYOUTS = [
     Format(
         "unpaired",
         "Not pairs, refused: one response per row with a good/bad label (KTO-style unpaired data).",
@@ -238,6 +240,6 @@ REFUSED = [
 ]
 
 for _layout in PAIR_LAYOUTS:
-    register(_layout, before="trl")
-for _layout in REFUSED:
-    register(_layout)
+    register(_layout, TOOLS)
+for _layout in REFUSED_LAYOUTS:
+    register(_layout, REFUSED)
