@@ -20,6 +20,7 @@ field names (`role`/`from`/`speaker`, `content`/`value`/`text`, typed content pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from dpokit.data import Message
@@ -115,7 +116,8 @@ def _colossalchat(row: dict[str, Any], options: Options) -> Pair:
     return as_chat_pair(prompt, row["chosen"], row["rejected"], ("context", "chosen", "rejected"))
 
 
-def _has(*names: str) -> Any:
+def _has(*names: str) -> Callable[[dict[str, Any]], bool]:
+    """A detection test: the row has all these columns."""
     return lambda row: set(names) <= set(row)
 
 
