@@ -375,3 +375,13 @@ def test_prompts_holding_template_markers_are_warned_about(tiny_model_dir):
     assert "1 of them are message pairs, which the model's chat template wraps again" in warning
     assert "tokenized as written" in marker_warning([nemo, plain])
     assert marker_warning([plain]) is None
+
+
+def test_the_columns_key_takes_role_and_content(tmp_path):
+    from dpokit.config import load_config
+
+    mapping = "columns={prompt: dialog, chosen: good, rejected: bad, role: who, content: says}"
+    cfg = load_config(None, [mapping, f"output_dir={tmp_path}"])
+    assert cfg.columns == {"prompt": "dialog", "chosen": "good", "rejected": "bad", "role": "who", "content": "says"}
+    with pytest.raises(UserError, match="columns"):
+        load_config(None, ["columns={chosen: good, rejected: bad, speaker: who}", f"output_dir={tmp_path}"])
