@@ -286,7 +286,7 @@ def test_log_lines_before_the_error_line(world: dict[str, str]) -> None:
     result = _run_dpokit(command_line(row, world))
     assert result.returncode == 2
     check_one_error_line(result.stderr, names.format(**world))
-    assert "format trl (detected)" in result.stderr.splitlines()[0]
+    assert "format trl (detected from columns prompt, chosen, rejected)" in result.stderr.splitlines()[0]
 
 
 @pytest.mark.parametrize("row_id", DEBUG_ROWS)

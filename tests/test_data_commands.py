@@ -66,6 +66,7 @@ def test_inspect_token_percentiles_limits_and_length_bias(tmp_path, capsys, mode
     assert stats["quality"] == {
         "identical_pairs": 0,
         "empty_responses": 0,
+        "templated_prompts": 0,
         "duplicate_pairs": 0,
         "chosen_longer": 10,
         "rejected_longer": 0,
@@ -80,7 +81,7 @@ def test_inspect_table_shows_the_same_numbers(tmp_path, capsys, model):
     path = write_jsonl(tmp_path / "d.jsonl", LENGTH_ROWS)
     assert main(["data", "inspect", str(path), "--model", model, "--max-length", "20"]) == 0
     out = capsys.readouterr().out
-    assert "trl (detected)" in out and "10 (0 conversational)" in out
+    assert "trl (detected from columns prompt, chosen, rejected)" in out and "10 (0 conversational)" in out
     assert "18.2" in out and "24.2" in out and "100.0%" in out
     assert "over max_length=20" in out
 
@@ -91,20 +92,23 @@ def test_inspect_quality_warnings_and_bad_rows(tmp_path, capsys, model):
         tildes(3, 2, 1),  # duplicate
         tildes(4, 2, 2),  # identical chosen and rejected
         tildes(5, 1, 2),
-        {"prompt": "~", "chosen": "", "rejected": "~"},  # empty response
+        {"prompt": "~", "chosen": "", "rejected": "~"},  # empty response: kept as given
         "not json\n",
     ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    stats = run_json(capsys, str(path), "--model", model, "--max-bad-rows", "2")
-    assert (stats["rows"], stats["pairs"], stats["bad_rows"]) == (6, 4, 2)
-    assert stats["bad_row_kinds"] == {"empty response": 1, "invalid JSON": 1}
+    stats = run_json(capsys, str(path), "--model", model, "--max-bad-rows", "1")
+    assert (stats["rows"], stats["pairs"], stats["bad_rows"]) == (6, 5, 1)
+    assert stats["bad_row_kinds"] == {"invalid JSON": 1}
     assert stats["rejected_file"] == str(tmp_path / "d.rejected.jsonl")
+    side = [json.loads(line) for line in (tmp_path / "d.rejected.jsonl").read_text().splitlines()]
+    assert [(r["origin"], r["kind"]) for r in side] == [(f"{path}:6", "invalid JSON"), (f"{path}:5", "empty response")]
+    assert side[1]["reason"] == "chosen response is empty; kept as given"
     assert {k: stats["quality"][k] for k in ("identical_pairs", "empty_responses", "duplicate_pairs")} == {
         "identical_pairs": 1,
         "empty_responses": 1,
         "duplicate_pairs": 1,
     }
-    assert stats["quality"]["chosen_longer_share"] == 0.5  # 2 of 4: neither side biased
+    assert stats["quality"]["chosen_longer_share"] == 0.4  # 2 of 5: neither side biased
     assert not any("length bias" in w for w in stats["warnings"])
     assert len(stats["warnings"]) == 4
 
@@ -185,7 +189,8 @@ def test_prepare_normalizes_deduplicates_and_splits_by_prompt(tmp_path, capsys):
     printed = capsys.readouterr().out
     train, test = read_jsonl(out), read_jsonl(out.with_name("pairs.test.jsonl"))
     assert len(train) + len(test) == 11 and len(test) >= 3  # ceil(0.2 * 11)
-    assert f"{source}: 14 rows (format trl, detected): {len(train)} pairs to {out} (train), {len(test)} to " in printed
+    detected = "format trl, detected from columns prompt, chosen, rejected"
+    assert f"{source}: 14 rows ({detected}): {len(train)} pairs to {out} (train), {len(test)} to " in printed
     assert "left out: 1 bad rows (reasons in" in printed
     assert "1 duplicate pairs, 1 identical chosen and rejected" in printed
     assert (out.parent / "raw.rejected.jsonl").exists()

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from dpokit.data import Pair
+from dpokit.data.dataset_layouts import parse_hh
 from dpokit.data.formats import (
     CONTRADICTING_SCORES,
     DIFFER_EARLY,
+    EMPTY_KEPT,
     EMPTY_RESPONSE,
     EMPTY_TEXT,
     FORMATS,
@@ -30,7 +32,6 @@ from dpokit.data.formats import (
     Options,
     RowError,
     get_format,
-    parse_hh,
     split_texts,
     to_conversational,
 )
@@ -161,9 +162,10 @@ def test_hh_transcripts_become_conversations():
     row = {"chosen": text, "rejected": text[: -len("4")] + "5"}
     pair = FORMATS["hh-rlhf"].normalize(row, Options())
     assert pair == Pair([u("Hi there"), a("Hello!"), u("What is 2+2?")], [a("4")], [a("5")])
-    with pytest.raises(RowError) as e:
-        FORMATS["hh-rlhf"].normalize({"chosen": text, "rejected": text[: -len(" 4")]}, Options())
-    assert e.value.kind == EMPTY_RESPONSE
+    # an empty response is kept as given, with a note for the side file
+    kept = FORMATS["hh-rlhf"].normalize({"chosen": text, "rejected": text[: -len(" 4")]}, Options())
+    expected = Pair([u("Hi there"), a("Hello!"), u("What is 2+2?")], [a("4")], [a("")])
+    assert kept == Adjusted(expected, EMPTY_KEPT, "rejected response is empty; kept as given", EMPTY_RESPONSE)
 
 
 # --- the implicit prompt, precisely -----------------------------------------------------------------------------------
@@ -277,7 +279,7 @@ GOOD_ROW = {"prompt": Q, "chosen": GOOD, "rejected": BAD}
         ({"prompt": Q, "chosen": GOOD}, MISSING_COLUMN, "missing column 'rejected'"),
         ({"prompt": Q, "chosen": 5, "rejected": BAD}, WRONG_TYPE, "column 'chosen' must be text, got int"),
         ({"prompt": " ", "chosen": GOOD, "rejected": BAD}, EMPTY_TEXT, "column 'prompt' is empty"),
-        ({"prompt": Q, "chosen": GOOD, "rejected": ""}, EMPTY_RESPONSE, "column 'rejected' is empty"),
+        ({"prompt": Q, "chosen": "", "rejected": " "}, IDENTICAL, "chosen and rejected responses are both empty"),
         (
             {"prompt": [u(Q), a("x")], "chosen": [a(GOOD)], "rejected": [a(BAD)]},
             ROLES_OUT_OF_ORDER,
@@ -293,7 +295,6 @@ GOOD_ROW = {"prompt": Q, "chosen": GOOD, "rejected": BAD}
             ROLES_OUT_OF_ORDER,
             "unknown role 'robot'",
         ),
-        ({"prompt": [u(Q)], "chosen": [a(GOOD)], "rejected": [a(" ")]}, EMPTY_RESPONSE, "rejected response is empty"),
     ],
 )
 def test_bad_rows_are_reported_with_file_row_kind_and_reason(tmp_path, bad, kind, reason):

@@ -134,6 +134,6 @@ def test_data_prepare_reads_saved_folders(tmp_path, capsys):
     assert main(["data", "prepare", str(saved), "--output", str(out), "--test-size", "0"]) == 0
     written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [row["chosen"] for row in written] == [[{"role": "assistant", "content": r["chosen"]}] for r in STANDARD]
-    assert "3 rows (format trl, detected)" in capsys.readouterr().out
+    assert "3 rows (format trl, detected from columns prompt, chosen, rejected)" in capsys.readouterr().out
     assert main(["data", "prepare", str(saved), "--output", str(out), "--split", "dev", "--overwrite"]) == 2
     assert "none named `dev`" in capsys.readouterr().err

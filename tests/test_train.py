@@ -249,14 +249,14 @@ def test_bad_row_fails_before_the_model_loads(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rows = conversational_rows(5)
-    rows[2]["chosen"] = [{"role": "assistant", "content": "   "}]
+    rows[2]["chosen"] = 5
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     with (tmp_path / "bad.jsonl").open("a") as f:
         f.write("{not json\n")
     code = main(["train", *settings(tiny_model_dir, data, tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{data}:3: chosen response is empty (and 1 more bad rows)" in err
+    assert f"{data}:3: column 'chosen' must be a list of messages, got int (and 1 more bad rows)" in err
     assert "trainable of" not in err and "Traceback" not in err
     side = (tmp_path / "out" / "bad.rejected.jsonl").read_text().splitlines()
     assert [json.loads(line)["origin"] for line in side] == [f"{data}:3", f"{data}:6"]

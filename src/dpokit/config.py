@@ -91,7 +91,8 @@ class DPOConfig:
     )
     columns: dict[str, str] | None = option(
         None,
-        "Column mapping for any other layout, e.g. `{prompt: question, chosen: good, rejected: bad}`.",
+        "Column mapping for any other layout, e.g. `{prompt: question, chosen: good, rejected: bad}`; `role` and "
+        "`content` name the fields of its messages when they are not role/from/speaker and content/value/text.",
         "data",
     )
     multi_turn: str = option(
@@ -513,9 +514,10 @@ def validate(cfg: DPOConfig) -> None:
     )
     if cfg.columns is not None:
         need(
-            set(cfg.columns) <= {"prompt", "chosen", "rejected"} and {"chosen", "rejected"} <= set(cfg.columns),
+            set(cfg.columns) <= {"prompt", "chosen", "rejected", "role", "content"}
+            and {"chosen", "rejected"} <= set(cfg.columns),
             "columns",
-            "maps chosen, rejected and optionally prompt to your column names",
+            "maps chosen, rejected and optionally prompt to your column names (role, content: your message fields)",
         )
 
 

@@ -36,6 +36,7 @@ from dpokit.data.encode import EncodedDataset, apply_length_policy, encode_loade
 from dpokit.data.formats import Options
 from dpokit.data.inspect import dataset_stats
 from dpokit.data.load import load_pairs
+from dpokit.data.markers import template_markers
 from dpokit.distributed import needs_cpu_backend
 from dpokit.errors import RunStopped, UserError
 from dpokit.logprobs import SeqLogps, SequenceLogps
@@ -644,7 +645,8 @@ def load_split(cfg: DPOConfig, tokenizer: Any, which: str, console: Any) -> tupl
         raise UserError(f"{source}: every pair is over the length limits ({data.counts}); raise max_length")
     effects = "".join(f"; {n} {what}" for what, n in data.counts.items() if n)
     console.print(f"{which} data: {len(data)} pairs to train on{effects}")
-    stats = dataset_stats(loaded, encoded, tokenizer_name=cfg.model_name_or_path, **limits)
+    markers = template_markers(tokenizer)  # prompts rendered with a template already get a warning
+    stats = dataset_stats(loaded, encoded, tokenizer_name=cfg.model_name_or_path, markers=markers, **limits)
     for warning in stats["warnings"] + encoding.warnings():
         console.print(f"{which} data warning: {warning}")
     return data, stats

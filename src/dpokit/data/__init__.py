@@ -56,3 +56,5 @@ class LoadedPairs:
     rejected_file: str | None = None  # where the bad rows were written
     rows: int = 0  # rows read from the source, good and bad
     detected: bool = False  # the format was detected (data_format: auto), not named
+    evidence: str = ""  # what detection went by: "columns conversations, chosen, rejected"
+    notes: list[BadRow] = field(default_factory=list)  # rows kept as given with an oddity (an empty response)

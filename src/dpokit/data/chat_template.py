@@ -148,13 +148,15 @@ def check_refusals(
     max_bad_rows: int,
     rejected_dir: str | os.PathLike | None,
     merge_setting: str = "system_message=merge",
+    notes: Sequence[BadRow] = (),
 ) -> str | None:
-    """Write every bad row (the refused among them) to the side file and return its path; raise `bad_rows_error`."""
+    """Write every bad row (the refused among them) and the rows kept with a note to the side file and return its
+    path; raise `bad_rows_error`."""
     from dpokit.data.load import write_rejected
 
     if not bad_rows:
         return None
-    rejected_file = str(write_rejected(list(bad_rows), source, rejected_dir))
+    rejected_file = str(write_rejected([*bad_rows, *notes], source, rejected_dir))
     error = bad_rows_error(refused, bad_rows, total, source, rejected_file, max_bad_rows, merge_setting)
     if error is not None:
         raise error

@@ -200,6 +200,7 @@ def encode_loaded(
             max_bad_rows=max_bad_rows,
             rejected_dir=rejected_dir,
             merge_setting=merge_setting,
+            notes=loaded.notes,
         )
     counts = dict(Counter(loaded.counts) + Counter(result.counts))
     encoded = dataclasses.replace(

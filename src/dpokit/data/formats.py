@@ -1,5 +1,8 @@
 """Preference-data layouts: detection and normalization to `Pair`s.
 
+This module holds what every layout shares (the checks, the pair builders, the registry and detection) and TRL's
+layouts; the public datasets' layouts are in `dataset_layouts`, other training tools' in `tool_layouts`.
+
 Each layout is a `Format`: a name, a test on a row's columns, and a function from one row to a `Pair`.
 A normalizer raises `RowError` with the reason when a row is malformed, returns `Dropped` for a row that is
 well-formed but makes no pair (a tie, say), which is counted rather than reported as bad, or `Adjusted` for a
@@ -24,12 +27,12 @@ Implicit prompt (only `chosen` and `rejected`, as conversations or texts), defin
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from dpokit.data import Message, Pair, Text
+from dpokit.data.messages import MessageError, read_message, rename_fields
 from dpokit.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -51,6 +54,8 @@ TIED = "dropped: tied scores"
 UNDER_MARGIN = "dropped: score gap not above min_score_margin"
 TOO_FEW_RESPONSES = "dropped: fewer than two responses"
 TRIMMED = "trimmed: multi-turn rows cut back to the first differing assistant turn"
+KEPT_AS_GIVEN = "kept as given"  # the start of the counters of pairs kept with an oddity
+EMPTY_KEPT = f"{KEPT_AS_GIVEN}: an empty chosen or rejected response"
 
 
 class RowError(ValueError):
@@ -70,10 +75,13 @@ class Dropped:
 
 @dataclass(frozen=True)
 class Adjusted:
-    """A pair made after a change to its row that must not go unnoticed; `reason` is the counter it adds to."""
+    """A pair made after a change to its row, or kept with an oddity, that must not go unnoticed: `reason` is the
+    counter it adds to; a `note` (with its bad-row kind) goes to the side file with the row."""
 
     pair: Pair
     reason: str
+    note: str = ""
+    note_kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,29 @@ class Format:
     detect: Callable[[dict[str, Any]], bool]
     normalize: Normalizer
     columns: str = ""  # the columns it reads, for `dpokit data formats`
+    reads: tuple[str, ...] = ()  # column names it reads: the evidence of a detection, and how specific it is
+    unused: tuple[str, ...] = ()  # columns it recognizes but does not train on (said when detected)
+    refusal: str = ""  # for layouts that hold no pairs: why, and what to do instead
+
+    def matched(self, row: dict[str, Any]) -> list[str]:
+        """The columns of `row` this layout reads: what detection printed as its evidence."""
+        return [name for name in self.reads if name in row]
+
+    def evidence(self, row: dict[str, Any]) -> str:
+        """ "columns a, b, c", and the recognized columns that are not used."""
+        text = "columns " + ", ".join(self.matched(row) or sorted(row))
+        unused = [name for name in self.unused if _holds(row, name)]
+        return text + (f"; not used: {', '.join(unused)}" if unused else "")
+
+
+def _holds(row: dict[str, Any], path: str) -> bool:
+    """Whether `row` has the (dotted, for nested objects) column `path`."""
+    value: Any = row
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return False
+        value = value[key]
+    return True
 
 
 # --- checks shared by every layout ------------------------------------------------------------------------------------
@@ -116,27 +147,25 @@ def check_text(value: Any, column: str, allow_empty: bool = False, empty_kind: s
 
 
 def check_messages(value: Any, column: str) -> list[Message]:
-    """A list of `{role, content}` messages with known roles and text content."""
+    """A list of messages with known roles and text content (see `dpokit.data.messages` for the names read)."""
     if not isinstance(value, list):
         raise RowError(f"column {column!r} must be a list of messages, got {type(value).__name__}", WRONG_TYPE)
     if not value:
         raise RowError(f"column {column!r} has no messages", EMPTY_TEXT)
-    messages: list[Message] = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RowError(f"column {column!r} message {i} must be an object with role and content", WRONG_TYPE)
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise RowError(f"column {column!r} message {i} has unknown role {role!r}", ROLES_OUT_OF_ORDER)
-        if not isinstance(content, str):
-            kind = type(content).__name__
-            raise RowError(f"column {column!r} message {i} content must be text, got {kind}", WRONG_TYPE)
-        messages.append({"role": role, "content": content})
-    return messages
+    return [check_message(message, f"column {column!r} message {i}") for i, message in enumerate(value)]
+
+
+def check_message(value: Any, label: str) -> Message:
+    """One message, with the role and content field names and role names of other tools read as ours."""
+    try:
+        return read_message(value, label)
+    except MessageError as e:
+        raise RowError(str(e), e.kind) from None
 
 
 def check_conversation(prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> None:
-    """Roles in order: the prompt ends on a user (or tool) turn and each response ends on a non-empty assistant turn."""
+    """Roles in order: the prompt ends on a user (or tool) turn and each response is assistant turns (empty ones
+    too: see `kept_as_given`)."""
     for name, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         for i, message in enumerate(messages):
             if message["role"] == "system" and not (name == "prompt" and i == 0):
@@ -150,8 +179,6 @@ def check_conversation(prompt: list[Message], chosen: list[Message], rejected: l
             raise RowError(f"last turn of {name} is not an assistant turn", LAST_TURN_NOT_ASSISTANT)
         if messages[0]["role"] != "assistant":
             raise RowError(f"roles out of order: {name} must start with an assistant turn", ROLES_OUT_OF_ORDER)
-        if not messages[-1]["content"].strip():
-            raise RowError(f"{name} response is empty", EMPTY_RESPONSE)
 
 
 def check_score(value: Any, column: str) -> float:
@@ -181,13 +208,11 @@ def assistant(text: str) -> Message:
 def as_text_pair(prompt: Any, chosen: Any, rejected: Any, labels: tuple[str, str, str] | None = None) -> Pair:
     """TRL's explicit-prompt meaning: three texts make a standard pair; any message list makes the pair
     conversational (a text prompt becomes a user message, text responses assistant messages)."""
-    if any(isinstance(value, list) for value in (prompt, chosen, rejected)):
+    if any(isinstance(value, list | dict) for value in (prompt, chosen, rejected)):
         return as_chat_pair(prompt, chosen, rejected, labels)
     p, c, r = labels or ("prompt", "chosen", "rejected")
     return Pair(
-        check_text(prompt, p),
-        check_text(chosen, c, empty_kind=EMPTY_RESPONSE),
-        check_text(rejected, r, empty_kind=EMPTY_RESPONSE),
+        check_text(prompt, p), check_text(chosen, c, allow_empty=True), check_text(rejected, r, allow_empty=True)
     )
 
 
@@ -203,8 +228,11 @@ def as_chat_pair(prompt: Any, chosen: Any, rejected: Any, labels: tuple[str, str
 
 
 def _response_messages(value: Any, column: str) -> list[Message]:
+    """A response as assistant messages: a text, one message object, or a list of messages."""
     if isinstance(value, str):
-        return [assistant(check_text(value, column, empty_kind=EMPTY_RESPONSE))]
+        return [assistant(value)]
+    if isinstance(value, dict):
+        return [check_message(value, f"column {column!r}")]
     return check_messages(value, column)
 
 
@@ -256,9 +284,6 @@ def split_texts(chosen: str, rejected: str) -> Pair:
     prompt, chosen_response, rejected_response = chosen[:cut], chosen[cut:], rejected[cut:]
     if not prompt.strip():
         raise RowError("chosen and rejected share no prompt text at their start", NO_SHARED_PROMPT)
-    for name, response in (("chosen", chosen_response), ("rejected", rejected_response)):
-        if not response.strip():
-            raise RowError(f"{name} response is empty after the shared prompt", EMPTY_RESPONSE)
     return Pair(prompt, chosen_response, rejected_response)
 
 
@@ -283,263 +308,79 @@ def _implicit_prompt(
     need_columns(row, "chosen", "rejected")
     chosen, rejected = row["chosen"], row["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
-        chosen_text = check_text(chosen, labels[0], empty_kind=EMPTY_RESPONSE)
-        return split_texts(chosen_text, check_text(rejected, labels[1], empty_kind=EMPTY_RESPONSE))
+        return split_texts(chosen, rejected)
     return split_conversations(check_messages(chosen, labels[0]), check_messages(rejected, labels[1]), options)
-
-
-HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
-HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-def parse_hh(text: str, column: str) -> list[Message]:
-    """An HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as messages, each turn's text stripped."""
-    parts = HH_TURN.split(text)
-    if parts[0].strip():
-        raise RowError(f"column {column!r} has text before its first `Human:` turn", ROLES_OUT_OF_ORDER)
-    if len(parts) < 3:
-        raise RowError(f"column {column!r} has no `Human:` / `Assistant:` turns", WRONG_TYPE)
-    turns = zip(parts[1::2], parts[2::2], strict=True)  # split with one group: head, role, text, role, text, ...
-    return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in turns]
-
-
-def _hh_rlhf(row: dict[str, Any], options: Options) -> Pair | Adjusted:
-    need_columns(row, "chosen", "rejected")
-    chosen = parse_hh(check_text(row["chosen"], "chosen"), "chosen")
-    rejected = parse_hh(check_text(row["rejected"], "rejected"), "rejected")
-    return split_conversations(chosen, rejected, options)
-
-
-def _looks_hh(row: dict[str, Any]) -> bool:
-    chosen = row.get("chosen")
-    return (
-        "prompt" not in row
-        and "rejected" in row
-        and isinstance(chosen, str)
-        and re.search(r"(?:^|\n\n)Human:", chosen) is not None
-        and "Assistant:" in chosen
-    )
-
-
-def _score_gate(chosen_score: float, rejected_score: float, options: Options) -> Dropped | None:
-    """Ties never make a pair; nor does a gap of `min_score_margin` or less."""
-    if chosen_score == rejected_score:
-        return Dropped(TIED)
-    if chosen_score - rejected_score <= options.min_score_margin:
-        return Dropped(UNDER_MARGIN)
-    return None
-
-
-def _binarized(chosen_score_column: str, rejected_score_column: str) -> Normalizer:
-    """UltraFeedback binarized: a prompt text, chosen/rejected conversations (or answers) and their scores."""
-
-    def normalize(row: dict[str, Any], options: Options) -> Normalized:
-        need_columns(row, "prompt", "chosen", "rejected", chosen_score_column, rejected_score_column)
-        chosen, rejected = row["chosen"], row["rejected"]
-        holds_prompt = isinstance(chosen, list) and chosen and isinstance(chosen[0], dict)
-        if holds_prompt and chosen[0].get("role") != "assistant":  # whole conversations, prompt included
-            result: Pair | Adjusted = split_conversations(
-                check_messages(chosen, "chosen"), check_messages(rejected, "rejected"), options
-            )
-        else:
-            result = as_chat_pair(row["prompt"], chosen, rejected)
-        chosen_score = check_score(row[chosen_score_column], chosen_score_column)
-        rejected_score = check_score(row[rejected_score_column], rejected_score_column)
-        if chosen_score < rejected_score:
-            raise RowError(
-                f"{chosen_score_column} {chosen_score:g} is below {rejected_score_column} {rejected_score:g}",
-                CONTRADICTING_SCORES,
-            )
-        return _score_gate(chosen_score, rejected_score, options) or result
-
-    return normalize
-
-
-def _orca(row: dict[str, Any], options: Options) -> Pair:
-    need_columns(row, "question", "chosen", "rejected")
-    system = row.get("system")
-    if system is not None:
-        check_text(system, "system", allow_empty=True)
-    question = check_text(row["question"], "question")
-    prompt = ([{"role": "system", "content": system}] if system and system.strip() else []) + [user(question)]
-    return as_chat_pair(prompt, row["chosen"], row["rejected"], ("question", "chosen", "rejected"))
-
-
-def _stack_exchange(row: dict[str, Any], options: Options) -> Pair:
-    need_columns(row, "question", "response_j", "response_k")
-    return as_chat_pair(row["question"], row["response_j"], row["response_k"], ("question", "response_j", "response_k"))
-
-
-# Rated responses: the usual names of the prompt, the list of responses and the list of scores.
-RATED_PROMPTS = ("prompt", "instruction", "question")
-RATED_RESPONSES = ("responses", "completions")
-RATED_SCORES = ("scores", "ratings", "rewards")
-RESPONSE_TEXT_KEYS = ("response", "text", "content", "completion")
-# UltraFeedback's `fine-grained_score` (the mean of its aspect ratings, which its binarized releases moved to)
-# is preferred to its `overall_score`.
-RESPONSE_SCORE_KEYS = ("score", "rating", "reward", "fine-grained_score", "overall_score")
-
-
-def _first_present(row: dict[str, Any], names: tuple[str, ...]) -> str | None:
-    return next((name for name in names if name in row), None)
-
-
-def _looks_rated(row: dict[str, Any]) -> bool:
-    responses = _first_present(row, RATED_RESPONSES)
-    return (
-        "chosen" not in row
-        and _first_present(row, RATED_PROMPTS) is not None
-        and responses is not None
-        and isinstance(row[responses], list)
-    )
-
-
-def _rated(row: dict[str, Any], options: Options) -> Normalized:
-    prompt_column = _first_present(row, RATED_PROMPTS)
-    responses_column = _first_present(row, RATED_RESPONSES)
-    if prompt_column is None or responses_column is None:
-        missing = "prompt (or instruction, question)" if prompt_column is None else "responses (or completions)"
-        raise RowError(f"missing column {missing}", MISSING_COLUMN)
-    texts, scores = _responses_and_scores(row, responses_column)
-    if len(texts) < 2:
-        return Dropped(TOO_FEW_RESPONSES)
-    best = max(range(len(scores)), key=scores.__getitem__)  # the first of equal bests
-    worst = min(range(len(scores)), key=scores.__getitem__)
-    labels = (prompt_column, f"{responses_column}[{best}]", f"{responses_column}[{worst}]")
-    pair = as_chat_pair(row[prompt_column], texts[best], texts[worst], labels)
-    return _score_gate(scores[best], scores[worst], options) or pair
-
-
-def _responses_and_scores(row: dict[str, Any], column: str) -> tuple[list[Any], list[float]]:
-    """Responses as texts (or message lists) with their scores, from a separate score list or from each item."""
-    responses = row[column]
-    if not isinstance(responses, list):
-        raise RowError(f"column {column!r} must be a list of responses, got {type(responses).__name__}", WRONG_TYPE)
-    scores_column = _first_present(row, RATED_SCORES)
-    if scores_column is not None:
-        scores = row[scores_column]
-        if not isinstance(scores, list):
-            raise RowError(f"column {scores_column!r} must be a list of numbers, got {type(scores).__name__}")
-        if len(scores) != len(responses):
-            raise RowError(
-                f"column {column!r} has {len(responses)} responses but {scores_column!r} {len(scores)} scores"
-            )
-        texts = [_response_text(item, f"{column}[{i}]") for i, item in enumerate(responses)]
-        return texts, [check_score(s, f"{scores_column}[{i}]") for i, s in enumerate(scores)]
-    texts, numbers = [], []
-    for i, item in enumerate(responses):
-        label = f"{column}[{i}]"
-        if not isinstance(item, dict):
-            raise RowError(f"{label} must be an object with a response and a score (or give a `scores` column)")
-        score_key = _first_present(item, RESPONSE_SCORE_KEYS)
-        if score_key is None:
-            raise RowError(f"{label} has no score ({', '.join(RESPONSE_SCORE_KEYS)})", MISSING_COLUMN)
-        texts.append(_response_text(item, label))
-        numbers.append(check_score(item[score_key], f"{label}.{score_key}"))
-    return texts, numbers
-
-
-def _response_text(item: Any, label: str) -> Any:
-    if isinstance(item, str | list):
-        return item
-    if isinstance(item, dict):
-        key = _first_present(item, RESPONSE_TEXT_KEYS)
-        if key is None:
-            raise RowError(f"{label} has no response text ({', '.join(RESPONSE_TEXT_KEYS)})", MISSING_COLUMN)
-        return item[key]
-    raise RowError(f"{label} must be text, got {type(item).__name__}", WRONG_TYPE)
 
 
 def _columns(row: dict[str, Any], options: Options) -> Normalized:
     """Any layout, through the user's mapping of prompt/chosen/rejected to column names."""
-    mapping = options.columns or {}
+    mapping = {key: column for key, column in (options.columns or {}).items() if key in PAIR_KEYS}
     missing = [f"{column!r} (mapped to {key})" for key, column in mapping.items() if column not in row]
     if missing:
         raise RowError(f"missing column {', '.join(missing)}", MISSING_COLUMN)
-    values = {key: row[column] for key, column in mapping.items()}
+    fields = (options.columns or {}).get("role"), (options.columns or {}).get("content")
+    values = {key: rename_fields(row[column], *fields) for key, column in mapping.items()}
     if "prompt" in values:
         labels = (mapping["prompt"], mapping["chosen"], mapping["rejected"])
         return as_text_pair(values["prompt"], values["chosen"], values["rejected"], labels)
     return _implicit_prompt(values, options, (mapping["chosen"], mapping["rejected"]))
 
 
+PAIR_KEYS = ("prompt", "chosen", "rejected")  # what `columns:` maps to columns; `role`, `content` name message fields
+
+
+def kept_as_given(normalize: Normalizer) -> Normalizer:
+    """`normalize`, with the empty-response policy every layout shares.
+
+    A pair with an empty (or blank) chosen or rejected response is kept as it is, as TRL trains on it: it is
+    counted, warned about, and listed in the side file with its row. Both responses empty compare nothing, so
+    such a row is bad (as identical chosen and rejected).
+    """
+
+    def checked(row: dict[str, Any], options: Options) -> Normalized:
+        result = normalize(row, options)
+        if isinstance(result, Dropped):
+            return result
+        pair = result.pair if isinstance(result, Adjusted) else result
+        empty = [name for name, text in (("chosen", pair.chosen), ("rejected", pair.rejected)) if _blank(text)]
+        if not empty:
+            return result
+        if len(empty) == 2:
+            raise RowError("chosen and rejected responses are both empty: nothing to compare", IDENTICAL)
+        note = f"{empty[0]} response is empty; kept as given"
+        reason = result.reason if isinstance(result, Adjusted) else EMPTY_KEPT
+        return Adjusted(pair, reason, note, EMPTY_RESPONSE)
+
+    return checked
+
+
+def _blank(response: Text) -> bool:
+    return not (response if isinstance(response, str) else response[-1]["content"]).strip()
+
+
 FORMATS: dict[str, Format] = {}
 
 
-def register(fmt: Format) -> Format:
-    FORMATS[fmt.name] = fmt
+# The order of `FORMATS` (the listing, and the winner when two layouts read as many columns of a row), by group:
+DATASETS, TOOLS, GENERAL, REFUSED = range(4)
+
+
+def register(fmt: Format, group: int = GENERAL) -> Format:
+    """Add a layout (its normalizer under the shared empty-response policy) at the end of its group."""
+    from dataclasses import replace
+
+    fmt = fmt if fmt.refusal else replace(fmt, normalize=kept_as_given(fmt.normalize))
+    _GROUPS[fmt.name] = group
+    entries = sorted({**FORMATS, fmt.name: fmt}.items(), key=lambda item: _GROUPS[item[0]])  # a stable sort
+    FORMATS.clear()
+    FORMATS.update(entries)
     return fmt
 
 
+_GROUPS: dict[str, int] = {}
+
+
 # Registration order is detection order: specific layouts first, the general TRL ones last.
-register(
-    Format(
-        "ultrafeedback-argilla",
-        "UltraFeedback binarized as argilla/ultrafeedback-binarized-preferences-cleaned: conversations with ratings; "
-        "tied ratings are dropped.",
-        lambda row: (
-            {"prompt", "chosen", "rejected"} <= set(row)
-            and ({"chosen-rating", "rejected-rating"} <= set(row) or {"chosen_rating", "rejected_rating"} <= set(row))
-        ),
-        lambda row, options: _binarized(*_rating_columns(row))(row, options),
-        "prompt, chosen, rejected (message lists), chosen-rating, rejected-rating",
-    )
-)
-
-
-def _rating_columns(row: dict[str, Any]) -> tuple[str, str]:
-    return ("chosen-rating", "rejected-rating") if "chosen-rating" in row else ("chosen_rating", "rejected_rating")
-
-
-register(
-    Format(
-        "ultrafeedback-h4",
-        "UltraFeedback binarized as HuggingFaceH4/ultrafeedback_binarized: conversations with scores; tied scores "
-        "are dropped.",
-        lambda row: {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"} <= set(row),
-        _binarized("score_chosen", "score_rejected"),
-        "prompt, chosen, rejected (message lists), score_chosen, score_rejected",
-    )
-)
-register(
-    Format(
-        "orca",
-        "Intel/orca_dpo_pairs: a system text (kept as a system message), a question and two answers.",
-        lambda row: {"question", "chosen", "rejected"} <= set(row) and "prompt" not in row,
-        _orca,
-        "system (optional), question, chosen, rejected",
-    )
-)
-register(
-    Format(
-        "stack-exchange",
-        "Stack Exchange paired: a question, the preferred answer response_j and the other response_k.",
-        lambda row: {"question", "response_j", "response_k"} <= set(row),
-        _stack_exchange,
-        "question, response_j, response_k",
-    )
-)
-register(
-    Format(
-        "rated",
-        "A prompt with several scored responses, paired best against worst; ties and gaps not above "
-        "min_score_margin are dropped. Scores come from a list column or from each response object "
-        "(UltraFeedback's completions with fine-grained_score or overall_score).",
-        _looks_rated,
-        _rated,
-        "prompt|instruction|question, responses|completions, scores|ratings|rewards (or a score in each response)",
-    )
-)
-register(
-    Format(
-        "hh-rlhf",
-        "Anthropic HH-RLHF: chosen and rejected transcripts of `\\n\\nHuman:` / `\\n\\nAssistant:` turns, made into "
-        "conversations with an implicit prompt.",
-        _looks_hh,
-        _hh_rlhf,
-        "chosen, rejected (transcripts)",
-    )
-)
 register(
     Format(
         "trl",
@@ -548,6 +389,7 @@ register(
         lambda row: {"prompt", "chosen", "rejected"} <= set(row),
         _explicit_prompt,
         "prompt, chosen, rejected",
+        reads=("prompt", "chosen", "rejected"),
     )
 )
 register(
@@ -558,6 +400,7 @@ register(
         lambda row: {"chosen", "rejected"} <= set(row) and "prompt" not in row,
         _implicit_prompt,
         "chosen, rejected",
+        reads=("chosen", "rejected"),
     )
 )
 register(
@@ -572,7 +415,7 @@ register(
 
 
 def detect_format(row: dict[str, Any], source: str) -> Format:
-    """The first registered format whose test accepts `row` (registration order goes from specific to general)."""
+    """The layout `find_format` picks for `row`, or the error naming its columns."""
     fmt = find_format(row)
     if fmt is None:
         raise unknown_format(row, source)
@@ -580,7 +423,15 @@ def detect_format(row: dict[str, Any], source: str) -> Format:
 
 
 def find_format(row: dict[str, Any]) -> Format | None:
-    return next((fmt for fmt in FORMATS.values() if fmt.detect(row)), None)
+    """The layout that recognizes `row` by the most of its columns: where two could read it, the more specific
+    wins (`sharegpt` over `implicit` for conversations, chosen, rejected); on a tie, the one listed first."""
+    candidates = [fmt for fmt in FORMATS.values() if fmt.detect(row)]
+    return max(candidates, key=lambda fmt: len(fmt.matched(row)), default=None)
+
+
+def refused(fmt: Format, row: dict[str, Any], source: str) -> UserError:
+    """The error for a layout that holds no pairs, detected in `source`."""
+    return UserError(f"{source}: format {fmt.name} ({fmt.evidence(row)}): {fmt.refusal}")
 
 
 def unknown_format(row: dict[str, Any], source: str) -> UserError:
@@ -604,3 +455,7 @@ def text_of(value: Text) -> str:
     if isinstance(value, str):
         return value
     return "\n".join(m["content"] for m in value)
+
+
+# The public datasets' layouts, then other training tools' (and the non-pair ones refused), register on import.
+from dpokit.data import dataset_layouts, tool_layouts  # noqa: E402, F401

@@ -24,6 +24,7 @@ from typing import Any
 from dpokit.data import BadRow, LoadedPairs, Pair
 from dpokit.data.encode import EncodedPair, PairEncoding, apply_length_policy, encode_checked
 from dpokit.data.formats import EMPTY_RESPONSE, FORMATS, Options
+from dpokit.data.markers import KNOWN_MARKERS, MarkerCount, template_markers
 from dpokit.errors import UserError
 
 PERCENTILES = (50, 90, 95, 99)
@@ -41,6 +42,7 @@ class PairLengths:
         max_prompt_length: int | None,
         truncation_mode: str = "keep_start",
         length_policy: str = "truncate",
+        markers: tuple[str, ...] = KNOWN_MARKERS,
     ) -> None:
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
@@ -53,6 +55,7 @@ class PairLengths:
         self.conversational = 0
         self.limit_counts: Counter[str] = Counter()
         self.rows_over_limits = 0
+        self.templated = MarkerCount(markers)  # prompts already rendered with a chat template
 
     def add(self, pairs: Sequence[Pair], encoded: Sequence[EncodedPair]) -> None:
         for pair, ids in zip(pairs, encoded, strict=True):
@@ -62,6 +65,7 @@ class PairLengths:
             self.hashes.append(_content_hash(pair))
             self.identical += pair.chosen == pair.rejected
             self.conversational += pair.conversational
+        self.templated.add(pairs)
         origins = [pair.origin for pair in pairs]
         limits = {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
         policy = {"truncation_mode": self.truncation_mode, "length_policy": self.length_policy}
@@ -90,6 +94,8 @@ def summarize(
     counts: dict[str, int],
     rejected_file: str | None,
     tokenizer_name: str,
+    notes: Sequence[BadRow] = (),
+    evidence: str = "",
 ) -> dict[str, Any]:
     """The statistics dictionary (see `dataset_stats` for its shape)."""
     import numpy as np
@@ -101,7 +107,8 @@ def summarize(
     rejected_longer = int((columns["chosen"] < columns["rejected"]).sum())
     quality = {
         "identical_pairs": lengths.identical,
-        "empty_responses": sum(row.kind == EMPTY_RESPONSE for row in bad_rows),
+        "empty_responses": sum(row.kind == EMPTY_RESPONSE for row in notes),  # kept as given, listed in the side file
+        "templated_prompts": lengths.templated.marked,
         "duplicate_pairs": n - len(np.unique(np.frombuffer(lengths.hashes, dtype=np.uint64))),
         "chosen_longer": chosen_longer,
         "rejected_longer": rejected_longer,
@@ -119,6 +126,7 @@ def summarize(
         "source": source,
         "format": data_format,
         "format_detected": detected,
+        "format_evidence": evidence,
         "tokenizer": tokenizer_name,
         "rows": rows,
         "pairs": n,
@@ -132,6 +140,9 @@ def summarize(
         "quality": quality,
     }
     stats["warnings"] = _warnings(stats)
+    templated = lengths.templated.warning()
+    if templated:
+        stats["warnings"].append(templated)
     return stats
 
 
@@ -157,7 +168,11 @@ def _warnings(stats: dict[str, Any]) -> list[str]:
         identical = _count(quality["identical_pairs"], "pair")
         warnings.append(f"{identical} with identical chosen and rejected: nothing to learn from them")
     if quality["empty_responses"]:
-        warnings.append(f"{_count(quality['empty_responses'], 'row')} with an empty response (left out as bad rows)")
+        empty = _count(quality["empty_responses"], "pair")
+        warnings.append(
+            f"{empty} with an empty chosen or rejected response, kept as given (TRL trains on them too); listed in "
+            f"{stats['rejected_file']}"
+        )
     if quality["duplicate_pairs"]:
         duplicates = _count(quality["duplicate_pairs"], "pair")
         warnings.append(f"{duplicates} repeating an earlier pair; `dpokit data prepare` removes them")
@@ -196,22 +211,25 @@ def dataset_stats(
     truncation_mode: str = "keep_start",
     length_policy: str = "truncate",
     tokenizer_name: str = "",
+    markers: tuple[str, ...] = KNOWN_MARKERS,
 ) -> dict[str, Any]:
     """Statistics of loaded pairs and their token ids (`encode_pairs(tokenizer, loaded.pairs)`, before the length
     policy), as `dpokit data inspect --json` prints them. A JSON-ready dict:
 
-    - `source`, `format`, `format_detected`, `tokenizer`: what was read and how;
+    - `source`, `format`, `format_detected`, `format_evidence` (the columns detection went by), `tokenizer`: what
+      was read and how;
     - `rows`, `pairs`, `conversational_pairs`, `bad_rows`, `bad_row_kinds` ({kind: n}), `rejected_file`,
       `counts` (rows dropped or trimmed by the format, {reason: n});
     - `tokens`: for `prompt`, `chosen`, `rejected` and `total` (prompt + longer response), `p50`, `p90`, `p95`,
       `p99` (linear interpolation), `max` and `mean`;
     - `length_limits`: `max_length`, `max_prompt_length`, `truncation_mode`, `length_policy`, `rows_over_limits`
       (pairs any limit touches), `effects` (`apply_length_policy` counts: {"prompts truncated": n, ...});
-    - `quality`: `identical_pairs`, `empty_responses`, `duplicate_pairs`, `chosen_longer`, `rejected_longer`,
+    - `quality`: `identical_pairs`, `empty_responses` (kept as given), `templated_prompts` (prompts holding chat
+      template markers, see `dpokit.data.markers`), `duplicate_pairs`, `chosen_longer`, `rejected_longer`,
       `chosen_longer_share`;
     - `warnings`: the sentences inspect prints.
     """
-    lengths = PairLengths(max_length, max_prompt_length, truncation_mode, length_policy)
+    lengths = PairLengths(max_length, max_prompt_length, truncation_mode, length_policy, markers)
     for start in range(0, len(loaded.pairs), CHUNK_PAIRS):
         lengths.add(loaded.pairs[start : start + CHUNK_PAIRS], encoded[start : start + CHUNK_PAIRS])
     return summarize(
@@ -224,6 +242,8 @@ def dataset_stats(
         counts=loaded.counts,
         rejected_file=loaded.rejected_file,
         tokenizer_name=tokenizer_name,
+        notes=loaded.notes,
+        evidence=loaded.evidence,
     )
 
 
@@ -243,14 +263,16 @@ def run(args: argparse.Namespace) -> int:
     pair_chunks = chunks(reader, CHUNK_PAIRS)
     first = next(pair_chunks, [])  # a missing or unreadable source fails here, before the tokenizer loads
     tokenizer, tokenizer_name = tokenizer_from_args(args)
-    lengths = PairLengths(args.max_length, args.max_prompt_length, args.truncation_mode, args.length_policy)
+    limits = (args.max_length, args.max_prompt_length, args.truncation_mode, args.length_policy)
+    lengths = PairLengths(*limits, markers=template_markers(tokenizer))
     encoding = PairEncoding()  # what the chat template refused or changed, summed over the chunks
     for chunk in itertools.chain([first], pair_chunks):
         chunk_encoding = encode_checked(tokenizer, chunk, system_message=args.system_message)
         lengths.add(chunk_encoding.pairs, chunk_encoding.encoded)
         encoding.add(chunk_encoding)
     bad_rows = reader.bad_rows + encoding.refused
-    rejected_file = str(write_rejected(bad_rows, args.data, None)) if bad_rows else None
+    side = bad_rows + reader.notes
+    rejected_file = str(write_rejected(side, args.data, None)) if side else None
     stats = summarize(
         lengths,
         source=args.data,
@@ -261,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
         counts=dict(reader.counts + Counter(encoding.counts)),
         rejected_file=rejected_file,
         tokenizer_name=tokenizer_name,
+        notes=reader.notes,
+        evidence=reader.evidence,
     )
     stats["warnings"] += encoding.warnings()
     if args.json:
@@ -284,7 +308,7 @@ def print_stats(stats: dict[str, Any], bad_rows: Sequence[BadRow], shown_bad_row
     from rich.table import Table
 
     console = Console()
-    how = "detected" if stats["format_detected"] else "given"
+    how = f"detected from {stats['format_evidence']}" if stats["format_detected"] else "given"
     overview = Table(title=f"[bold]{stats['source']}[/]", show_header=False, title_justify="left")
     overview.add_row("format", f"{stats['format']} ({how})")
     overview.add_row("rows", str(stats["rows"]))
@@ -313,7 +337,8 @@ def print_stats(stats: dict[str, Any], bad_rows: Sequence[BadRow], shown_bad_row
     for reason, count in limits["effects"].items():
         checks.add_row(f"  {reason}", str(count))
     checks.add_row("identical chosen and rejected", str(quality["identical_pairs"]))
-    checks.add_row("empty responses (bad rows)", str(quality["empty_responses"]))
+    checks.add_row("empty responses (kept as given)", str(quality["empty_responses"]))
+    checks.add_row("prompts holding chat-template markers", str(quality["templated_prompts"]))
     checks.add_row("duplicate pairs", str(quality["duplicate_pairs"]))
     share = quality["chosen_longer_share"]
     checks.add_row("chosen longer than rejected", "-" if share is None else f"{share:.1%}")
@@ -373,17 +398,21 @@ def write_plot(lengths: PairLengths, path: str, stats: dict[str, Any]) -> None:
 
 
 def run_formats(args: argparse.Namespace) -> int:
-    """`dpokit data formats`: every layout, in detection order, with the columns it reads."""
+    """`dpokit data formats`: every layout with the columns it reads; the non-pair layouts last."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="data formats, in the order `data_format: auto` tries them", title_justify="left")
+    title = "data formats: `data_format: auto` takes the one that reads the most columns of a row (the first on a tie)"
+    table = Table(title=title, title_justify="left")
     table.add_column("name", style="bold")
     table.add_column("columns")
     table.add_column("meaning", overflow="fold")
     for fmt in FORMATS.values():
         table.add_row(fmt.name, fmt.columns, fmt.description)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    refused = " and ".join(f"`{fmt.name}`" for fmt in FORMATS.values() if fmt.refusal)
+    console.print(f"{refused} hold no pairs: they are recognized to be refused with what to do instead.")
     return 0
 
 
@@ -414,8 +443,11 @@ def parse_columns(text: str | None) -> dict[str, str] | None:
     example = "'{prompt: question, chosen: good, rejected: bad}'"
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise UserError(f"--columns {text!r}: expected a mapping like {example}")
-    if not {"chosen", "rejected"} <= set(value) <= {"prompt", "chosen", "rejected"}:
-        raise UserError(f"--columns {text!r}: map chosen, rejected and optionally prompt, like {example}")
+    if not {"chosen", "rejected"} <= set(value) <= {"prompt", "chosen", "rejected", "role", "content"}:
+        raise UserError(
+            f"--columns {text!r}: map chosen, rejected and optionally prompt (and role, content: the fields of "
+            f"your messages), like {example}"
+        )
     return value
 
 

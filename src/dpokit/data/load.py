@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.data import BadRow, LoadedPairs, Pair
-from dpokit.data.formats import Adjusted, Dropped, Format, Options, RowError, find_format, get_format, unknown_format
+from dpokit.data.formats import (
+    Adjusted,
+    Dropped,
+    Format,
+    Options,
+    RowError,
+    find_format,
+    get_format,
+    refused,
+    unknown_format,
+)
 from dpokit.data.sources import Row, iter_rows
 from dpokit.errors import UserError
 
@@ -50,7 +60,9 @@ class PairReader:
         self.detected = self.fixed is None
         self.rows = 0
         self.bad_rows: list[BadRow] = []
+        self.notes: list[BadRow] = []  # rows kept as given with an oddity (an empty response), for the side file
         self.counts: Counter[str] = Counter()
+        self.evidence = ""  # the columns that made the detected format
 
     def __iter__(self) -> Iterator[Pair]:
         rows = iter_rows(self.source, split=self.split, data_config=self.data_config)
@@ -71,6 +83,8 @@ class PairReader:
                 continue
             if isinstance(result, Adjusted):
                 self.counts[result.reason] += 1
+                if result.note:
+                    self.notes.append(BadRow(origin, result.note, row, result.note_kind))
                 result = result.pair
             yield Pair(result.prompt, result.chosen, result.rejected, origin)
 
@@ -86,8 +100,10 @@ class PairReader:
             first_row = first_row if first_row is not None else row
             fmt = find_format(row)
             if fmt is not None:
-                self.format = fmt.name
-                log.info("%s: format %s (detected)", self.source, fmt.name)
+                if fmt.refusal:
+                    raise refused(fmt, row, self.source)
+                self.format, self.evidence = fmt.name, fmt.evidence(row)
+                log.info("%s: format %s (detected from %s)", self.source, fmt.name, self.evidence)
                 return fmt, itertools.chain(looked, rows)
             if readable >= DETECT_ROWS:
                 break
@@ -97,7 +113,7 @@ class PairReader:
 
     def check(self, max_bad_rows: int, rejected_dir: str | os.PathLike | None = None) -> str | None:
         """Write the bad rows to a side file (returning its path) and fail if there are more than `max_bad_rows`."""
-        return check_bad_rows(self.bad_rows, self.source, max_bad_rows, rejected_dir)
+        return check_bad_rows(self.bad_rows, self.source, max_bad_rows, rejected_dir, self.notes)
 
 
 def load_pairs(
@@ -120,6 +136,7 @@ def load_pairs(
     loaded = LoadedPairs(pairs, reader.format or data_format, source, reader.bad_rows, dict(reader.counts))
     loaded.rows = reader.rows
     loaded.detected = reader.detected
+    loaded.notes, loaded.evidence = reader.notes, reader.evidence
     loaded.rejected_file = reader.check(max_bad_rows, rejected_dir)
     if not pairs:
         dropped = ", ".join(f"{n} {reason}" for reason, n in reader.counts.items()) or "none dropped"
@@ -138,12 +155,17 @@ def describe_loaded(loaded: LoadedPairs) -> str:
 
 
 def check_bad_rows(
-    bad: list[BadRow], source: str, max_bad_rows: int, rejected_dir: str | os.PathLike | None = None
+    bad: list[BadRow],
+    source: str,
+    max_bad_rows: int,
+    rejected_dir: str | os.PathLike | None = None,
+    notes: list[BadRow] | None = None,
 ) -> str | None:
-    """Write bad rows beside the source (or into `rejected_dir`); more than `max_bad_rows` of them is an error."""
-    if not bad:
+    """Write bad rows (and the `notes` on rows kept as given) beside the source (or into `rejected_dir`); more than
+    `max_bad_rows` bad rows is an error."""
+    if not bad and not notes:
         return None
-    rejected_file = str(write_rejected(bad, source, rejected_dir))
+    rejected_file = str(write_rejected(bad + (notes or []), source, rejected_dir))
     error = too_many_bad_rows(bad, rejected_file, max_bad_rows)
     if error is not None:
         raise error

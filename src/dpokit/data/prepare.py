@@ -24,9 +24,11 @@ from pathlib import Path
 
 from dpokit.data import Pair
 from dpokit.data.encode import apply_length_policy, encode_loaded, encode_pairs
+from dpokit.data.formats import KEPT_AS_GIVEN as KEPT
 from dpokit.data.formats import to_conversational
 from dpokit.data.inspect import options_from_args, tokenizer_from_args
 from dpokit.data.load import load_pairs
+from dpokit.data.markers import marker_warning
 from dpokit.errors import UserError
 
 DUPLICATE = "duplicate pairs"
@@ -66,12 +68,17 @@ def run(args: argparse.Namespace) -> int:
         write_jsonl(test_path, test)
     else:
         test_path.unlink(missing_ok=True)  # an earlier split beside the new training file would pose as its test set
-    fmt = f"{loaded.format}, detected" if loaded.detected else loaded.format
+    fmt = f"{loaded.format}, detected from {loaded.evidence}" if loaded.detected else loaded.format
     print(_account(loaded.source, fmt, loaded.rows, train_path, len(train), test_path, len(test)))
     print("  left out: " + _left_out(loaded.bad_rows, loaded.rejected_file, loaded.counts, removed))
-    trimmed = {reason: n for reason, n in loaded.counts.items() if not reason.startswith("dropped")}
-    for reason, count in trimmed.items():
-        print(f"  kept after a change: {count} ({reason})")
+    for reason, count in loaded.counts.items():
+        if reason.startswith(KEPT):
+            print(f"  {KEPT}: {count} ({reason.removeprefix(KEPT + ': ')}; listed in {loaded.rejected_file})")
+        elif not reason.startswith("dropped"):
+            print(f"  kept after a change: {count} ({reason})")
+    warning = marker_warning(loaded.pairs)
+    if warning:
+        print(f"  warning: {warning}")
     return 0
 
 
