@@ -4,7 +4,8 @@
   and `--config FILE.yaml` read as dpokit's `key=value` overrides and config file, so a `trl dpo` command line
   runs with the program name changed;
 - a TRL `DPOConfig` YAML loads as it is: a TRL key dpokit lacks is named in a one-line warning (it has no effect),
-  a TRL name for a dpokit key (`dataset_name`) is used as that key with a note, any other key stays an error;
+  a TRL name for a dpokit key (`dataset_name`) is used as that key with a note, `env` sets environment variables
+  as TRL's does, any other key stays an error;
 - `loss_type` as one name becomes TRL's one-element list; `rpo_alpha`, TRL's former RPO key, becomes the `sft`
   term with that weight, with a note, so the saved config is in TRL's current form.
 """
@@ -12,6 +13,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import types as types_module
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +33,12 @@ def from_trl(values: dict[str, Any], ours: set[str]) -> dict[str, Any]:
     kept: dict[str, Any] = {}
     for key, value in values.items():
         alias = TRL_ALIASES.get(key)
-        if key in ours:
+        if key == "env" and key not in ours and isinstance(value, dict):
+            # TRL's YAML sets these environment variables for the run (WANDB_PROJECT, HF_HOME, ...); so does dpokit
+            for name, setting in value.items():
+                os.environ[str(name)] = str(setting)
+            log.info("config: `env` set %s", ", ".join(map(str, value)))
+        elif key in ours:
             kept[key] = value
         elif alias is not None and alias not in values:
             log.info("config: `%s` is TRL's name for dpokit's `%s`; using it as %s", key, alias, alias)
@@ -70,7 +78,8 @@ def normalize_losses(cfg: Any) -> None:
 def _kind(key: str, types: dict[str, Any]) -> str:
     """How a flag takes its value: `bool` (optional value), `list` (every value up to the next flag) or `one`."""
     tp = types.get(key)
-    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    union = typing.get_origin(tp) in (typing.Union, types_module.UnionType)
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
     if bool in args:
         return "bool"
     if any(typing.get_origin(a) is list for a in args):
