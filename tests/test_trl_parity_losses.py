@@ -179,3 +179,62 @@ def test_one_trainer_per_case_agrees(
     fresh, shared = trl_step0(built), trl_step0(setup["trainer"], case)
     assert fresh[0] == pytest.approx(shared[0], rel=1e-6)
     assert fresh[1] == pytest.approx(shared[1], rel=1e-6)
+
+
+def test_orpo_matches_trls_experimental_orpo(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """ORPO against TRL's `ORPOTrainer` on its own tokenization, in fp32: the odds-ratio term, its logged mean and
+    rewards. TRL's NLL term counts the prompt's tokens too, where ORPO's paper and dpokit count the response's
+    only, so the whole losses differ by that term and are compared without it."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from dpokit.data.encode import EncodedPair
+
+    args = ORPOConfig(
+        output_dir=str(tmp_path / "orpo"),
+        per_device_train_batch_size=BATCH,
+        beta=0.2,
+        max_length=1024,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        disable_dropout=True,
+    )
+    rows = conversational_rows(BATCH)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    trainer = ORPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    examples = [trainer.train_dataset[i] for i in range(BATCH)]
+    trainer.model.train()
+    with torch.no_grad():
+        trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, trainer.data_collator(examples))
+
+    def split(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        start = next(i for i, label in enumerate(labels) if label != -100)
+        return ids[:start], ids[start:]
+
+    pairs = []
+    for ex in examples:
+        prompt, chosen = split(ex["chosen_input_ids"], ex["chosen_labels"])
+        assert split(ex["rejected_input_ids"], ex["rejected_labels"])[0] == prompt
+        pairs.append(EncodedPair(prompt, chosen, split(ex["rejected_input_ids"], ex["rejected_labels"])[1]))
+    cfg = load_config(None, {"loss_type": "orpo", "orpo_alpha": 0.2})
+    policy = SequenceLogps(load_model(str(tiny_model_dir)).eval())
+    with torch.no_grad():
+        pol = policy(collate(pairs, tokenizer.pad_token_id, padding_free=True, prefix_sharing=True))
+        losses, values = loss_and_metrics(cfg, pol, (pol.chosen * 0, pol.rejected * 0))
+    nll = -pol.chosen.sum() / pol.chosen_lengths.sum()
+    odds_term = float(losses.mean() - nll)
+    assert math.isclose(odds_term, float(trl_loss) - trl_metrics["nll_loss"], rel_tol=1e-4)
+    assert math.isclose(odds_term, -0.2 * trl_metrics["log_odds_ratio"], rel_tol=1e-4)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(float(values[key].mean()) - trl_metrics[key]) <= 1e-4 * float(values[key].abs().mean()), key
+    assert float(values["rewards/accuracies"].mean()) == trl_metrics["rewards/accuracies"]
+    average = {"logps/chosen": pol.chosen / pol.chosen_lengths, "logps/rejected": pol.rejected / pol.rejected_lengths}
+    for key, ours in average.items():  # TRL's ORPO logs per-token averages, dpokit sums (as TRL's DPO does)
+        assert math.isclose(float(ours.mean()), trl_metrics[key], rel_tol=1e-4), key
