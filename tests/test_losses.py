@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dpokit.losses import LOSSES, REFERENCE_FREE, preference_loss, rpo_nll, wpo_weights
+from dpokit.losses import LOSSES, REFERENCE_FREE, preference_loss, wpo_weights
 
 # One pair: policy chosen -10, rejected -12; reference chosen -11, rejected -11; 4 and 2 response tokens.
 PC, PR, RC, RR = (torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.0))
@@ -89,10 +89,6 @@ def test_apo() -> None:
     """zero: 1 - s(0.1) + s(-0.1) = 2 s(-0.1); down: s(0.1) + 1 - s(0.2)."""
     assert run("apo_zero")[0] == pytest.approx(2 * sigmoid(-0.1), abs=1e-6)
     assert run("apo_down")[0] == pytest.approx(sigmoid(0.1) + 1 - sigmoid(0.2), abs=1e-6)
-
-
-def test_rpo_nll_is_mean_token_nll() -> None:
-    assert float(rpo_nll(PC, LC)[0]) == pytest.approx(2.5)
 
 
 @pytest.mark.parametrize("loss_type", sorted(set(LOSSES) - REFERENCE_FREE))

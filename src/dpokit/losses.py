@@ -429,9 +429,4 @@ def loss_settings(cfg: Any, logps: Any) -> dict[str, Any]:
     }
 
 
-def rpo_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
-    """RPO's NLL term per pair: the chosen response's mean token negative log-likelihood."""
-    return -policy_chosen_logps / chosen_lengths.clamp(min=1)
-
-
 LOG2 = math.log(2)  # the sigmoid loss when policy equals reference
