@@ -65,7 +65,7 @@ def test_saved_config_loads_back_identical(tmp_path: Path) -> None:
         ("loss_type=dpo", "config key `loss_type` = 'dpo': must be one of sigmoid"),
         ("per_device_train_batch_size=0", "`per_device_train_batch_size` = 0: must be at least 1"),
         ("max_steps=2.5", "config key `max_steps`: expected an integer"),
-        ("label_smoothing=0.1", "is used only by loss_type=robust"),
+        ("label_smoothing=0.1", "is used only by loss_type aot, aot_unpaired, exo_pair, robust"),
         ("label_smoothing=0.6", "must be in [0, 0.5)"),
         ("data_format=xml", "config key `data_format` = 'xml'"),
         ("warmup_ratio=1.5", "must be in [0, 1)"),

@@ -76,6 +76,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "  dpokit train train_data=pairs.jsonl\n"
         "  dpokit train configs/smollm2-lora.yaml learning_rate=1e-5 max_steps=200\n"
         "  dpokit train configs/smollm2-lora.yaml resume=true\n"
+        "  dpokit train --config trl_dpo.yaml --beta 0.1 --loss_type sigmoid sft   (TRL's flags work too)\n"
         "  accelerate launch --num_processes 2 -m dpokit train config.yaml",
     )
     p.add_argument(
@@ -110,8 +111,14 @@ def run_config(args: argparse.Namespace) -> int:
 
 
 def split_settings(settings: Sequence[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides)."""
-    path = None
+    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides). TRL's `--key value` and `--config FILE`
+    are read too (`trl_compat`)."""
+    from dpokit import config
+    from dpokit.trl_compat import flags_to_overrides
+
+    path, settings = flags_to_overrides(settings, config.field_types())
+    if path is not None and settings and "=" not in settings[0]:
+        raise UserError(f"cannot read `{settings[0]}`: the config file is already given with --config {path}")
     overrides = []
     for i, item in enumerate(settings):
         if "=" in item:
@@ -581,7 +588,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `--debug` is accepted anywhere on the line, not only before the command
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    args = parser.parse_args(argv)
+    if argv[:1] in (["train"], ["config"]) and not {"-h", "--help"} & set(argv[1:]):
+        # settings may be TRL-style flags (`--beta 0.1`), which argparse would take for its own options
+        args = parser.parse_args(argv[:1])
+        args.settings = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     args.debug = debug
     logging.basicConfig(level=logging.INFO if not debug else logging.DEBUG, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

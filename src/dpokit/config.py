@@ -13,6 +13,7 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,15 @@ LOSS_TYPES = (
     "sppo_hard",
     "apo_zero",
     "apo_down",
+    "sigmoid_norm",
+    "exo_pair",
+    "discopop",
+    "aot",
+    "aot_unpaired",
+    "sft",
+    "orpo",
 )
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
@@ -202,19 +211,56 @@ class DPOConfig:
         "`simpo` the reward scale.",
         "dpo",
     )
-    loss_type: str = option(
-        "sigmoid",
-        "Preference loss: `sigmoid` (DPO), `hinge` (RSO), `ipo`, `robust` (with `label_smoothing`), `simpo` "
-        "(reference-free, with `simpo_gamma`), `bco_pair`, `nca_pair`, `sppo_hard`, `apo_zero`, `apo_down`.",
+    loss_type: list[str] = option(
+        ["sigmoid"],
+        "Preference loss, a name or a list of names whose weighted sum is trained (TRL's form: RPO is "
+        "`[sigmoid, sft]`, MPO `[sigmoid, bco_pair, sft]`): `sigmoid` (DPO), `hinge` (RSO), `ipo`, `robust` and "
+        "`exo_pair` (with `label_smoothing`), `sigmoid_norm` (DPO on per-token averages), `discopop` (with "
+        "`discopop_tau`), `aot` and `aot_unpaired` (sorted across the batch), `bco_pair`, `nca_pair`, `sppo_hard`, "
+        "`apo_zero`, `apo_down`, `sft` (the chosen responses' NLL per token); reference-free and alone: `simpo` "
+        "(with `simpo_gamma`) and `orpo` (with `orpo_alpha`).",
         "dpo",
         choices=LOSS_TYPES,
     )
+    loss_weights: list[float] | None = option(
+        None, "Weight of each `loss_type` entry, in order, e.g. `[0.8, 0.2, 1.0]` for MPO. Empty: all 1.", "dpo"
+    )
     label_smoothing: float = option(
-        0.0, "Assumed share of flipped preference labels, in [0, 0.5); used by `robust`.", "dpo"
+        0.0,
+        "Assumed share of flipped preference labels, in [0, 0.5): `robust`'s flip rate, EXO's epsilon (must be above "
+        "0 for `exo_pair`; the paper suggests 1e-3), the smoothing of `aot` and `aot_unpaired`.",
+        "dpo",
     )
     simpo_gamma: float = option(0.5, "SimPO's target reward margin.", "dpo")
+    discopop_tau: float = option(0.05, "DiscoPOP's temperature of the blend of its two losses (the paper's).", "dpo")
+    orpo_alpha: float = option(
+        0.1, "ORPO's weight of the odds-ratio term beside the NLL term (lambda in the paper; TRL ORPO's `beta`).", "dpo"
+    )
+    ld_alpha: float | None = option(
+        None,
+        "LD-DPO (Liu et al. 2024): response tokens past the shorter response of the pair count with this weight in "
+        "[0, 1] in every log-prob and reward. Empty: plain DPO (as 1).",
+        "dpo",
+    )
+    use_weighting: bool = option(
+        False,
+        "WPO (Zhou et al. 2024): weight each pair by the policy's length-normalized probability of both responses.",
+        "dpo",
+    )
+    f_divergence_type: str = option(
+        "reverse_kl",
+        "f-DPO's divergence from the reference: `reverse_kl` (DPO), `forward_kl`, `js_divergence`, "
+        "`alpha_divergence` (with `f_alpha_divergence_coef`). Other than reverse_kl only with sigmoid, "
+        "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop and sft.",
+        "dpo",
+        choices=F_DIVERGENCES,
+    )
+    f_alpha_divergence_coef: float = option(0.5, "The alpha of `f_divergence_type: alpha_divergence`.", "dpo")
     rpo_alpha: float | None = option(
-        None, "Weight of an NLL term on the chosen response added to the loss (RPO). Empty: none.", "dpo"
+        None,
+        "TRL's former RPO key, still accepted: `rpo_alpha: a` runs as `sft` added to `loss_type` with weight a "
+        "(the others keeping theirs), and is saved in that form.",
+        "dpo",
     )
     precompute_ref_log_probs: bool = option(
         True,
@@ -281,6 +327,9 @@ class DPOConfig:
     )
 
     def __post_init__(self) -> None:
+        from dpokit.trl_compat import normalize_losses
+
+        normalize_losses(self)
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -354,9 +403,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, list):
             raise bad
-        return list(value)
+        (item,) = typing.get_args(tp)
+        if item is str and not all(isinstance(v, str) for v in value):
+            raise bad
+        return [_coerce(key, v, item) for v in value]
     if origin is dict:
         if isinstance(value, str):
             try:
@@ -373,6 +425,11 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(DPOConfig)
 
 
+def field_types() -> dict[str, Any]:
+    """Every key's declared type."""
+    return _field_types()
+
+
 def keys() -> list[dataclasses.Field]:
     """Every config key, in declaration order."""
     return list(dataclasses.fields(DPOConfig))
@@ -385,10 +442,13 @@ def _unknown_key(key: str) -> UserError:
 
 
 def build(values: dict[str, Any]) -> DPOConfig:
-    """Make a validated config from raw values (YAML-loaded or strings)."""
+    """Make a validated config from raw values (YAML-loaded or strings). TRL's keys that dpokit lacks are named in
+    a warning each (`trl_compat`); any other unknown key is an error."""
+    from dpokit.trl_compat import from_trl
+
     types_ = _field_types()
     converted = {}
-    for key, value in values.items():
+    for key, value in from_trl(values, set(types_)).items():
         if key not in types_:
             raise _unknown_key(key)
         converted[key] = _coerce(key, value, types_[key])
@@ -451,8 +511,9 @@ def validate(cfg: DPOConfig) -> None:
         value = getattr(cfg, f.name)
         _coerce(f.name, value, types_[f.name])  # a value set from Python must have the declared type too
         choices = f.metadata["choices"]
-        if choices and value not in choices:
-            need(False, f.name, f"must be one of {', '.join(choices)}")
+        for item in value if isinstance(value, list) else [value]:
+            if choices and item not in choices:
+                raise UserError(f"config key `{f.name}` = {item!r}: must be one of {', '.join(choices)}")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         need(getattr(cfg, key) >= 1, key, "must be at least 1")
     for key in ("logging_steps", "lora_r", "lora_alpha", "logits_chunk_size"):
@@ -477,13 +538,7 @@ def validate(cfg: DPOConfig) -> None:
     need(cfg.adam_epsilon > 0, "adam_epsilon", "must be positive")
     need(cfg.max_grad_norm >= 0, "max_grad_norm", "must be 0 (off) or positive")
     need(cfg.beta > 0, "beta", "must be positive")
-    need(0.0 <= cfg.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
-    need(
-        cfg.label_smoothing == 0.0 or cfg.loss_type == "robust",
-        "label_smoothing",
-        "is used only by loss_type=robust; set loss_type=robust or leave it at 0",
-    )
-    need(cfg.rpo_alpha is None or cfg.rpo_alpha >= 0, "rpo_alpha", "must be 0 or more")
+    validate_losses(cfg, need)
     need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
     need(cfg.min_score_margin >= 0, "min_score_margin", "must be 0 or more")
     need(cfg.max_length is None or cfg.max_length >= 2, "max_length", "must be at least 2 tokens")
@@ -519,6 +574,49 @@ def validate(cfg: DPOConfig) -> None:
             "columns",
             "maps chosen, rejected and optionally prompt to your column names (role, content: your message fields)",
         )
+
+
+def validate_losses(cfg: DPOConfig, need: Callable[[bool, str, str], None]) -> None:
+    """The loss keys, with TRL 1.16's restrictions."""
+    from dpokit.losses import F_DIVERGENCE_LOSSES, LABEL_SMOOTHING_LOSSES, REFERENCE_FREE, SORTING_LOSSES
+
+    types = set(cfg.loss_type)
+    need(bool(cfg.loss_type), "loss_type", "must name at least one loss")
+    need(len(types) == len(cfg.loss_type), "loss_type", "names a loss twice; give each once, with its weight")
+    need(
+        not types & REFERENCE_FREE or len(types) == 1,
+        "loss_type",
+        f"{' and '.join(sorted(types & REFERENCE_FREE))} logs its own rewards and cannot be combined; train it alone",
+    )
+    need(
+        cfg.loss_weights is None or len(cfg.loss_weights) == len(cfg.loss_type),
+        "loss_weights",
+        f"needs one weight per loss_type entry ({len(cfg.loss_type)})",
+    )
+    need(0.0 <= cfg.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+    need(
+        cfg.label_smoothing == 0.0 or bool(types & LABEL_SMOOTHING_LOSSES),
+        "label_smoothing",
+        f"is used only by loss_type {', '.join(sorted(LABEL_SMOOTHING_LOSSES))}; use one of them or leave it at 0",
+    )
+    need(
+        "exo_pair" not in types or cfg.label_smoothing > 0,
+        "label_smoothing",
+        "must be above 0 for loss_type exo_pair (EXO's epsilon; the paper suggests 1e-3)",
+    )
+    need(cfg.discopop_tau > 0, "discopop_tau", "must be positive")
+    need(cfg.orpo_alpha >= 0, "orpo_alpha", "must be 0 or more")
+    need(cfg.ld_alpha is None or 0.0 <= cfg.ld_alpha <= 1.0, "ld_alpha", "must be in [0, 1], or empty for none")
+    need(
+        cfg.f_divergence_type == "reverse_kl" or types <= F_DIVERGENCE_LOSSES,
+        "f_divergence_type",
+        f"other than reverse_kl works only with loss_type {', '.join(sorted(F_DIVERGENCE_LOSSES))}",
+    )
+    need(
+        not (cfg.use_weighting and types & SORTING_LOSSES),
+        "use_weighting",
+        "cannot weight aot or aot_unpaired: they sort the pairs, so per-pair weights would not follow them",
+    )
 
 
 def describe() -> str:

@@ -23,14 +23,57 @@ IGNORE_INDEX = -100  # label of prompt and padding positions in the padded refer
 
 @dataclass
 class SeqLogps:
-    chosen: torch.Tensor  # (B,) summed log-probs of the chosen responses
+    chosen: torch.Tensor  # (B,) summed log-probs of the chosen responses (LD-DPO weighted when ld_alpha is set)
     rejected: torch.Tensor  # (B,)
     chosen_lengths: torch.Tensor  # (B,) response tokens
     rejected_lengths: torch.Tensor  # (B,)
+    chosen_plain: torch.Tensor | None = None  # (B,) unweighted sums, when ld_alpha weights `chosen`
+    chosen_wpo: torch.Tensor | None = None  # (B,) WPO's mean of logp - log sum_v p_v^2, detached, when asked
+    rejected_wpo: torch.Tensor | None = None  # (B,)
 
 
 def split_sequences(per_sequence: torch.Tensor, lengths: torch.Tensor, num_pairs: int) -> SeqLogps:
     return SeqLogps(per_sequence[:num_pairs], per_sequence[num_pairs:], lengths[:num_pairs], lengths[num_pairs:])
+
+
+def ld_token_weights(target_seq: torch.Tensor, num_pairs: int, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO (Liu et al. 2024, Eq. 9): each response token's weight, 1 within the first min(len_chosen,
+    len_rejected) tokens of its response and ld_alpha past them, as TRL computes it. (N,) fp32.
+
+    Targets of one sequence appear in token order, though sequences may interleave (a packed row holds several).
+    """
+    n = target_seq.shape[0]
+    lengths = torch.bincount(target_seq, minlength=2 * num_pairs)
+    order = torch.sort(target_seq, stable=True)[1]
+    starts = torch.cumsum(lengths, 0) - lengths  # first slot of each sequence in `order`
+    position = torch.empty(n, dtype=torch.long, device=target_seq.device)
+    position[order] = torch.arange(n, device=target_seq.device) - starts[target_seq[order]]
+    shared = torch.minimum(lengths[:num_pairs], lengths[num_pairs:]).repeat(2)  # (2B,)
+    inside = position < shared[target_seq]
+    return torch.where(inside, 1.0, float(ld_alpha)).to(torch.float32)
+
+
+def sequence_sums(
+    token_logps: torch.Tensor,
+    target_seq: torch.Tensor,
+    num_pairs: int,
+    ld_alpha: float | None = None,
+    token_wpo: torch.Tensor | None = None,
+) -> SeqLogps:
+    """Per-sequence sums of (N,) token log-probs, with the LD-DPO weights and WPO's means where asked."""
+    zeros = token_logps.new_zeros(2 * num_pairs)
+    lengths = torch.bincount(target_seq, minlength=2 * num_pairs)
+    plain = zeros.index_add(0, target_seq, token_logps)
+    if ld_alpha is None:
+        out = split_sequences(plain, lengths, num_pairs)
+    else:
+        weights = ld_token_weights(target_seq, num_pairs, ld_alpha)
+        out = split_sequences(zeros.index_add(0, target_seq, token_logps * weights), lengths, num_pairs)
+        out.chosen_plain = plain[:num_pairs]
+    if token_wpo is not None:
+        means = zeros.detach().index_add(0, target_seq, token_wpo.detach()) / lengths.clamp(min=1)
+        out.chosen_wpo, out.rejected_wpo = means[:num_pairs], means[num_pairs:]
+    return out
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -38,7 +81,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return _select(logits.float(), index)[0]
 
 
-def sequence_logps_reference(model: Any, batch: Batch) -> SeqLogps:
+def sequence_logps_reference(model: Any, batch: Batch, ld_alpha: float | None = None, wpo: bool = False) -> SeqLogps:
     """The plain definition: full logits, labels shifted by one, masked sum (any layout, with a dense mask)."""
     logits = model(
         input_ids=batch.input_ids,
@@ -54,9 +97,9 @@ def sequence_logps_reference(model: Any, batch: Batch) -> SeqLogps:
     logps = F.log_softmax(logits.float(), dim=-1).reshape(r * t, -1)
     mask = labels != IGNORE_INDEX
     token_logps = logps[mask].gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
-    per_sequence = torch.zeros(2 * batch.num_pairs, dtype=torch.float32, device=logits.device)
-    per_sequence = per_sequence.index_add(0, seq[mask], token_logps)
-    return split_sequences(per_sequence, batch.lengths.to(logits.device), batch.num_pairs)
+    token_wpo = token_logps - torch.logsumexp(2 * logps[mask], dim=-1) if wpo else None
+    # seq[mask] lists each sequence's targets in token order, which is all the LD-DPO weights need
+    return sequence_sums(token_logps, seq[mask], batch.num_pairs, ld_alpha, token_wpo)
 
 
 class HeadLogps(torch.autograd.Function):
@@ -70,29 +113,36 @@ class HeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
-    ) -> torch.Tensor:
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        wpo: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = _logits(hidden, weight, bias)  # (n, V)
         logps, lse = _select(logits, targets)
+        aligned = _wpo_aligned(logits, logps, lse) if wpo else logps.new_zeros(0)  # before logits are overwritten
+        ctx.mark_non_differentiable(aligned)
         ctx.head_is_trained = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         if ctx.head_is_trained:
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
         else:
             ctx.save_for_backward(_minus_dlogits(logits, lse, targets).to(hidden.dtype) @ weight.to(hidden.dtype))
-        return logps
+        return logps, aligned
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad: torch.Tensor, _aligned: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.head_is_trained:
             (minus_jacobian,) = ctx.saved_tensors
-            return -grad[:, None].to(minus_jacobian.dtype) * minus_jacobian, None, None, None
+            return -grad[:, None].to(minus_jacobian.dtype) * minus_jacobian, None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         dlogits = _minus_dlogits(_logits(hidden, weight, bias), lse, targets).mul_(-grad[:, None]).to(hidden.dtype)
         need = ctx.needs_input_grad
         grad_hidden = dlogits @ weight.to(hidden.dtype) if need[0] else None
         grad_weight = (dlogits.T @ hidden).to(weight.dtype) if need[1] else None
         grad_bias = dlogits.sum(0).to(bias.dtype) if bias is not None and need[2] else None
-        return grad_hidden, grad_weight, grad_bias, None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -108,6 +158,11 @@ def _select(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse, lse
 
 
+def _wpo_aligned(logits: torch.Tensor, logps: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """WPO's aligned token log-prob, log p[target] - log sum_v p_v^2 (Zhou et al. 2024, Eq. 3)."""
+    return logps - (torch.logsumexp(2 * logits, dim=-1) - 2 * lse)
+
+
 def _minus_dlogits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """softmax - one-hot = -(d logp[target] / d logits), written over `logits`."""
     probs = logits.sub_(lse[:, None]).exp_()
@@ -120,10 +175,21 @@ def head_logps(
 ) -> torch.Tensor:
     """(n,) fp32 log-probs of `targets` under the output layer, computed in `hidden`'s dtype; through `HeadLogps`
     where a gradient is needed, so the chunk's (n, V) logits are never kept for backward."""
+    return head_logps_wpo(hidden, weight, bias, targets, wpo=False)[0]
+
+
+def head_logps_wpo(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, wpo: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`head_logps`, and with `wpo` WPO's aligned log-probs of the same positions (no gradient), from the same
+    logits."""
     params = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
-        return HeadLogps.apply(hidden, weight, bias, targets)
-    return _select(_logits(hidden, weight, bias), targets)[0]
+        logps, aligned = HeadLogps.apply(hidden, weight, bias, targets, wpo)
+        return logps, aligned if wpo else None
+    logits = _logits(hidden, weight, bias)
+    logps, lse = _select(logits, targets)
+    return logps, _wpo_aligned(logits, logps, lse) if wpo else None
 
 
 class SequenceLogps(torch.nn.Module):
@@ -132,10 +198,12 @@ class SequenceLogps(torch.nn.Module):
     Distributed wrappers (DDP, FSDP) wrap this module, so the backbone and the head run inside their forward.
     """
 
-    def __init__(self, model: Any, chunk_size: int = 1024) -> None:
+    def __init__(self, model: Any, chunk_size: int = 1024, ld_alpha: float | None = None, wpo: bool = False) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.ld_alpha = ld_alpha  # LD-DPO weights in every sum (policy and reference alike)
+        self.wpo = wpo  # also return WPO's per-sequence means
         self._frozen_head: tuple[Any, ...] | None = None
         self.segment_attention = attention.enabled(self._causal_lm())
 
@@ -169,12 +237,12 @@ class SequenceLogps(torch.nn.Module):
             input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **layout
         ).last_hidden_state  # (R, T, H)
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch.target_index].to(dtype)  # (N, H): response positions
+        size = self.chunk_size
         chunks = [
-            head_logps(
-                hidden[start : start + self.chunk_size], weight, bias, batch.target_ids[start : start + self.chunk_size]
-            )
-            for start in range(0, hidden.shape[0], self.chunk_size)
+            head_logps_wpo(hidden[start : start + size], weight, bias, batch.target_ids[start : start + size], self.wpo)
+            for start in range(0, hidden.shape[0], size)
         ]
-        token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-        per_sequence = token_logps.new_zeros(2 * batch.num_pairs).index_add(0, batch.target_seq, token_logps)
-        return split_sequences(per_sequence, batch.lengths.to(per_sequence.device), batch.num_pairs)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        token_logps = torch.cat([c[0] for c in chunks]) if chunks else empty
+        token_wpo = (torch.cat([c[1] for c in chunks]) if chunks else empty) if self.wpo else None
+        return sequence_sums(token_logps, batch.target_seq, batch.num_pairs, self.ld_alpha, token_wpo)

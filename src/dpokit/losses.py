@@ -2,20 +2,26 @@
 
 Every loss takes the four per-sequence log-prob tensors of shape (B,) (summed over response tokens) and returns
 unreduced `(losses, chosen_rewards, rejected_rewards)`, each (B,). Rewards are the implicit DPO rewards
-beta * (log pi - log pi_ref), detached: they are for logging and never carry gradient. Formulas follow TRL's
-DPOTrainer so that metrics compare one to one; each cites its paper.
+beta * (log pi - log pi_ref), detached: they are for logging and never carry gradient. Formulas follow TRL 1.16's
+DPOTrainer so that losses and metrics compare one to one; each cites its paper.
+
+`preference_loss` combines several of them with weights, as TRL's `loss_type` list with `loss_weights` does (RPO
+is `[sigmoid, sft]`, MPO `[sigmoid, bco_pair, sft]`); every term is averaged over the pairs, so a per-pair sum of
+weighted terms has the same mean as TRL's weighted sum of means.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 LossOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Divergence = Callable[[Tensor], Tensor]
 
 
 def _rewards(
@@ -30,31 +36,93 @@ def _rewards(
     return chosen, rejected
 
 
-def _logits(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> torch.Tensor:
-    """The DPO log-ratio difference (log pi_c - log ref_c) - (log pi_r - log ref_r)."""
-    return (pc - rc) - (pr - rr)
+def _identity(log_ratio: Tensor) -> Tensor:
+    return log_ratio
 
 
-def sigmoid_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, **_: object) -> LossOutput:
+def _logits(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, f: Divergence = _identity) -> torch.Tensor:
+    """The DPO log-ratio difference (log pi_c - log ref_c) - (log pi_r - log ref_r); under an f-divergence each
+    log-ratio u becomes the score f'(e^u) (f-DPO, Wang et al. 2023, Theorem 1)."""
+    return f(pc - rc) - f(pr - rr)
+
+
+# --- f-divergences: the score f'(t) of a log-ratio u = log t -------------------------------------------------------
+
+
+def forward_kl(u: Tensor) -> Tensor:
+    """f'(t) = 1 - 1/t."""
+    return 1 - torch.exp(-u)
+
+
+def js_divergence(u: Tensor) -> Tensor:
+    """f'(t) = log(2t / (t + 1)) = log 2 + log sigmoid(u)."""
+    return math.log(2) + F.logsigmoid(u)
+
+
+def alpha_divergence(u: Tensor, alpha: float) -> Tensor:
+    """f'(t) = (t^(alpha-1) - 1) / (alpha - 1); alpha -> 1 is reverse KL. The exponent is clamped at 80, as TRL
+    does, so exp stays finite in fp32."""
+    if abs(alpha - 1.0) < 1e-6:
+        return u
+    t = torch.clamp((alpha - 1.0) * u.float(), max=80.0)
+    return (torch.exp(t) - 1.0).to(u.dtype) / (alpha - 1.0)
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def divergence(name: str, alpha: float = 0.5) -> Divergence:
+    """The score function of f-divergence `name` (one of F_DIVERGENCES)."""
+    table: dict[str, Divergence] = {
+        "reverse_kl": _identity,
+        "forward_kl": forward_kl,
+        "js_divergence": js_divergence,
+        "alpha_divergence": lambda u: alpha_divergence(u, alpha),
+    }
+    return table[name]
+
+
+# --- the losses --------------------------------------------------------------------------------------------------
+
+
+def sigmoid_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, f: Divergence = _identity, **_: object
+) -> LossOutput:
     """DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(beta * logits)."""
-    losses = -F.logsigmoid(beta * _logits(pc, pr, rc, rr))
+    losses = -F.logsigmoid(beta * _logits(pc, pr, rc, rr, f))
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
 def robust_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float, **_: object
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float,
+    f: Divergence = _identity,
+    **_: object,
 ) -> LossOutput:
     """Robust DPO (Chowdhury et al. 2024, Eq. 21): unbiased under a label-flip rate `label_smoothing`."""
-    z = beta * _logits(pc, pr, rc, rr)
+    z = beta * _logits(pc, pr, rc, rr, f)
     eps = label_smoothing
     losses = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
-def hinge_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, **_: object) -> LossOutput:
+def hinge_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, f: Divergence = _identity, **_: object
+) -> LossOutput:
     """RSO's hinge loss (Liu et al. 2023, Eq. 9): relu(1 - beta * logits)."""
-    losses = torch.relu(1 - beta * _logits(pc, pr, rc, rr))
+    losses = torch.relu(1 - beta * _logits(pc, pr, rc, rr, f))
     return (losses, *_rewards(pc, pr, rc, rr, beta))
+
+
+def _length_averaged_logits(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, f: Divergence, chosen_lengths: Tensor, rejected_lengths: Tensor
+) -> Tensor:
+    return f(pc - rc) / chosen_lengths.clamp(min=1) - f(pr - rr) / rejected_lengths.clamp(min=1)
 
 
 def ipo_loss(
@@ -66,12 +134,91 @@ def ipo_loss(
     beta: float,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
+    f: Divergence = _identity,
     **_: object,
 ) -> LossOutput:
     """IPO (Azar et al. 2023, Eq. 17) on per-token average log-ratios, as TRL does: (h - 1/(2 tau))^2, tau = beta."""
-    h = (pc - rc) / chosen_lengths.clamp(min=1) - (pr - rr) / rejected_lengths.clamp(min=1)
+    h = _length_averaged_logits(pc, pr, rc, rr, f, chosen_lengths, rejected_lengths)
     losses = (h - 1 / (2 * beta)) ** 2
     return (losses, *_rewards(pc, pr, rc, rr, beta))
+
+
+def sigmoid_norm_loss(
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    *,
+    beta: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    f: Divergence = _identity,
+    **_: object,
+) -> LossOutput:
+    """DPO on per-token average log-ratios (TRL's `sigmoid_norm`): -log sigmoid(beta * h), h as in IPO."""
+    h = _length_averaged_logits(pc, pr, rc, rr, f, chosen_lengths, rejected_lengths)
+    losses = -F.logsigmoid(beta * h)
+    return (losses, *_rewards(pc, pr, rc, rr, beta))
+
+
+def exo_pair_loss(
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float,
+    f: Divergence = _identity,
+    **_: object,
+) -> LossOutput:
+    """EXO-pref (Ji et al. 2024, Eq. 16) for two responses: KL(p_theta || p_label), p_theta = softmax of the two
+    rewards = (sigmoid(z), sigmoid(-z)), p_label = (1 - eps, eps) with eps = `label_smoothing` > 0."""
+    z = beta * _logits(pc, pr, rc, rr, f)
+    eps = label_smoothing
+    chosen_term = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+    rejected_term = torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps))
+    return (chosen_term + rejected_term, *_rewards(pc, pr, rc, rr, beta))
+
+
+def discopop_loss(
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    *,
+    beta: float,
+    discopop_tau: float,
+    f: Divergence = _identity,
+    **_: object,
+) -> LossOutput:
+    """DiscoPOP's log-ratio modulated loss (Chris Lu et al. 2024, Eq. 5): a sigmoid(z / tau) blend of the logistic
+    loss -log sigmoid(z) and the exponential loss e^-z, z = beta * logits."""
+    z = beta * _logits(pc, pr, rc, rr, f)
+    blend = torch.sigmoid(z / discopop_tau)
+    losses = -F.logsigmoid(z) * (1 - blend) + torch.exp(-z) * blend
+    return (losses, *_rewards(pc, pr, rc, rr, beta))
+
+
+def _aot(delta: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    return -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+
+
+def aot_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float, **_: object
+) -> LossOutput:
+    """AOT (Melnyk et al. 2024, Eq. 8, paired): the sorted policy log-ratios log pi_c - log pi_r against the sorted
+    reference ones, across the batch. Sorting makes each pair's loss depend on the whole batch."""
+    delta = torch.sort(pc - pr, dim=0)[0] - torch.sort(rc - rr, dim=0)[0]
+    return (_aot(delta, beta, label_smoothing), *_rewards(pc, pr, rc, rr, beta))
+
+
+def aot_unpaired_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float, **_: object
+) -> LossOutput:
+    """AOT unpaired (Melnyk et al. 2024): sorted chosen log-ratios against sorted rejected ones."""
+    delta = torch.sort(pc - rc, dim=0)[0] - torch.sort(pr - rr, dim=0)[0]
+    return (_aot(delta, beta, label_smoothing), *_rewards(pc, pr, rc, rr, beta))
 
 
 def simpo_loss(
@@ -95,6 +242,33 @@ def simpo_loss(
     rejected = pr / rejected_lengths.clamp(min=1)
     losses = -F.logsigmoid(beta * (chosen - rejected) - gamma)
     return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - e^x) for x < 0, switching form at -log 2 to avoid cancellation (Maechler 2012)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    *,
+    orpo_alpha: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    **_: object,
+) -> LossOutput:
+    """ORPO (Hong et al. 2024, Eqs. 4-7), reference-free: the chosen responses' NLL per token plus
+    -alpha * log sigmoid(log odds(y_w) - log odds(y_l)), odds(y) = P / (1 - P) with P the per-token average
+    probability. Rewards are alpha * the average log-probs, as TRL's ORPOTrainer logs them."""
+    chosen = pc / chosen_lengths.clamp(min=1)
+    rejected = pr / rejected_lengths.clamp(min=1)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    nll = -pc.sum() / chosen_lengths.sum().clamp(min=1)
+    losses = nll - orpo_alpha * F.logsigmoid(log_odds)
+    return losses, orpo_alpha * chosen.detach(), orpo_alpha * rejected.detach()
 
 
 def bco_pair_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, **_: object) -> LossOutput:
@@ -129,6 +303,23 @@ def apo_down_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
+def sft_loss(
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    *,
+    beta: float,
+    chosen_lengths: Tensor,
+    sft_chosen_logps: Tensor | None = None,
+    **_: object,
+) -> LossOutput:
+    """The chosen responses' negative log-likelihood per token over the batch (RPO, Pang et al. 2024; TRL's `sft`),
+    the same value for every pair. `sft_chosen_logps` are the chosen log-probs before any LD-DPO weighting."""
+    nll = -(pc if sft_chosen_logps is None else sft_chosen_logps).sum() / chosen_lengths.sum().clamp(min=1)
+    return (nll.expand(pc.shape[0]), *_rewards(pc, pr, rc, rr, beta))
+
+
 LOSSES: dict[str, Callable[..., LossOutput]] = {
     "sigmoid": sigmoid_loss,
     "hinge": hinge_loss,
@@ -140,13 +331,38 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "sppo_hard": sppo_hard_loss,
     "apo_zero": apo_zero_loss,
     "apo_down": apo_down_loss,
+    "sigmoid_norm": sigmoid_norm_loss,
+    "exo_pair": exo_pair_loss,
+    "discopop": discopop_loss,
+    "aot": aot_loss,
+    "aot_unpaired": aot_unpaired_loss,
+    "sft": sft_loss,
+    "orpo": orpo_loss,
 }
 
-REFERENCE_FREE = {"simpo"}
+REFERENCE_FREE = {"simpo", "orpo"}  # they log their own rewards, so they stand alone
+F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
+SORTING_LOSSES = {"aot", "aot_unpaired"}  # WPO's per-pair weights would not follow the sorted pairs
+
+
+def loss_terms(loss_type: str | Sequence[str]) -> list[str]:
+    """`"ipo"` -> `["ipo"]`: TRL's name-or-list form as a list."""
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+
+
+def needs_reference(loss_type: str | Sequence[str]) -> bool:
+    return not set(loss_terms(loss_type)) & REFERENCE_FREE
+
+
+def wpo_weights(chosen_weight_logps: Tensor, rejected_weight_logps: Tensor) -> Tensor:
+    """WPO (Zhou et al. 2024, Eq. 2): each pair weighted by the policy's length-normalized probabilities of both
+    responses, each token's log-prob aligned by log sum_v p_v^2; detached, a weight is no training signal."""
+    return torch.exp(chosen_weight_logps + rejected_weight_logps).detach()
 
 
 def preference_loss(
-    loss_type: str,
+    loss_type: str | Sequence[str],
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor,
@@ -155,26 +371,62 @@ def preference_loss(
     beta: float,
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
+    orpo_alpha: float = 0.1,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    pair_weights: torch.Tensor | None = None,
+    sft_chosen_logps: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Dispatch to the loss named `loss_type`; all tensors are (B,)."""
-    return LOSSES[loss_type](
-        policy_chosen_logps,
-        policy_rejected_logps,
-        reference_chosen_logps,
-        reference_rejected_logps,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        gamma=simpo_gamma,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-    )
+    """The weighted sum of the losses named by `loss_type` (a name or a list, TRL's form); all tensors are (B,).
+
+    `pair_weights` (WPO) scale every term of each pair. Rewards come from the first term (every term but the
+    reference-free ones logs the same DPO rewards).
+    """
+    terms = loss_terms(loss_type)
+    weights = [1.0] * len(terms) if loss_weights is None else list(loss_weights)
+    settings = {
+        "beta": beta,
+        "label_smoothing": label_smoothing,
+        "gamma": simpo_gamma,
+        "discopop_tau": discopop_tau,
+        "orpo_alpha": orpo_alpha,
+        "f": divergence(f_divergence_type, f_alpha_divergence_coef),
+        "chosen_lengths": chosen_lengths,
+        "rejected_lengths": rejected_lengths,
+        "sft_chosen_logps": sft_chosen_logps,
+    }
+    total: torch.Tensor | None = None
+    rewards: tuple[torch.Tensor, torch.Tensor] | None = None
+    for term, weight in zip(terms, weights, strict=True):
+        losses, chosen, rejected = LOSSES[term](
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, **settings
+        )
+        if pair_weights is not None:
+            losses = losses * pair_weights
+        total = weight * losses if total is None else total + weight * losses
+        rewards = rewards or (chosen, rejected)
+    assert total is not None and rewards is not None  # config validation forbids an empty loss_type
+    return (total, *rewards)
 
 
-def rpo_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
-    """RPO's NLL term (Pang et al. 2024) per pair: the chosen response's mean token negative log-likelihood."""
-    return -policy_chosen_logps / chosen_lengths.clamp(min=1)
+def loss_settings(cfg: Any, logps: Any) -> dict[str, Any]:
+    """`preference_loss`'s keyword arguments from a `DPOConfig` and the policy's `SeqLogps`."""
+    return {
+        "beta": cfg.beta,
+        "loss_weights": cfg.loss_weights,
+        "label_smoothing": cfg.label_smoothing,
+        "simpo_gamma": cfg.simpo_gamma,
+        "discopop_tau": cfg.discopop_tau,
+        "orpo_alpha": cfg.orpo_alpha,
+        "f_divergence_type": cfg.f_divergence_type,
+        "f_alpha_divergence_coef": cfg.f_alpha_divergence_coef,
+        "pair_weights": wpo_weights(logps.chosen_wpo, logps.rejected_wpo) if cfg.use_weighting else None,
+        "sft_chosen_logps": logps.chosen_plain,
+    }
 
 
 LOG2 = math.log(2)  # the sigmoid loss when policy equals reference

@@ -29,7 +29,7 @@ from dpokit.console import progress
 from dpokit.data.collate import Batch
 from dpokit.data.encode import EncodedDataset
 from dpokit.logprobs import SeqLogps, SequenceLogps
-from dpokit.losses import REFERENCE_FREE
+from dpokit.losses import needs_reference
 from dpokit.models import cache_dir, resolve_model_path
 
 RefLogps = tuple[torch.Tensor, torch.Tensor]  # (chosen, rejected), each (B,)
@@ -159,7 +159,7 @@ def load_table(path: Path, expected_rows: int) -> torch.Tensor | None:
 
 def live_reference(cfg: DPOConfig, policy: SequenceLogps, autocast: Any) -> LiveReference | None:
     """The reference model that runs during training (or for the one precomputing pass), if the loss needs one."""
-    if cfg.loss_type in REFERENCE_FREE:
+    if not needs_reference(cfg.loss_type):
         return None
     if cfg.use_peft:
         return adapter_off_reference(policy, autocast)
@@ -189,6 +189,7 @@ def build_reference(
         "attn": cfg.attn_implementation,
         "layout": [cfg.padding_free, cfg.prefix_sharing, cfg.segment_attention],
         "plan": hashlib.sha256(json.dumps(plans).encode()).hexdigest(),
+        **({"ld_alpha": cfg.ld_alpha} if cfg.ld_alpha is not None else {}),  # LD-DPO weights the sums
     }
     path = cache_path(cache_dir(), model_fingerprint(resolve_model_path(cfg.model_name_or_path)), data, settings)
     table = load_table(path, len(data))

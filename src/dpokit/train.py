@@ -40,7 +40,7 @@ from dpokit.data.markers import template_markers
 from dpokit.distributed import needs_cpu_backend
 from dpokit.errors import RunStopped, UserError
 from dpokit.logprobs import SeqLogps, SequenceLogps
-from dpokit.losses import preference_loss, rpo_nll
+from dpokit.losses import loss_settings, preference_loss
 from dpokit.models import (
     add_lora,
     bf16_is_fast,
@@ -206,14 +206,10 @@ def loss_and_metrics(
         logps.rejected,
         ref[0],
         ref[1],
-        beta=cfg.beta,
         chosen_lengths=logps.chosen_lengths,
         rejected_lengths=logps.rejected_lengths,
-        label_smoothing=cfg.label_smoothing,
-        simpo_gamma=cfg.simpo_gamma,
+        **loss_settings(cfg, logps),
     )
-    if cfg.rpo_alpha is not None:
-        losses = losses + cfg.rpo_alpha * rpo_nll(logps.chosen, logps.chosen_lengths)
     return losses, {
         "loss": losses,
         "rewards/chosen": chosen_rewards,
@@ -306,7 +302,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     eval_set, eval_stats = load_split(cfg, tokenizer, "eval", console) if cfg.eval_data else (None, None)
 
     model = load_policy(cfg, acc.device)
-    policy = SequenceLogps(model, cfg.logits_chunk_size)
+    policy = SequenceLogps(model, cfg.logits_chunk_size, cfg.ld_alpha, cfg.use_weighting)
 
     def batches_of(data: EncodedDataset) -> Any:
         return lambda indices: make_batch(cfg, tokenizer.pad_token_id, data, indices, acc.device)
@@ -692,7 +688,7 @@ def print_header(run: Run, model: Any) -> None:
     )
     run.console.print(
         f"{schedule.total_steps} steps x {schedule.global_batch} pairs ({cfg.per_device_train_batch_size} per device "
-        f"x {cfg.gradient_accumulation_steps} accumulation x {acc.num_processes} processes); loss {cfg.loss_type}, "
-        f"beta {cfg.beta}, learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}); config: "
-        f"{run.output_dir / 'config.yaml'}"
+        f"x {cfg.gradient_accumulation_steps} accumulation x {acc.num_processes} processes); "
+        f"loss {'+'.join(cfg.loss_type)}, beta {cfg.beta}, learning rate {cfg.learning_rate} "
+        f"({cfg.lr_scheduler_type}); config: {run.output_dir / 'config.yaml'}"
     )
