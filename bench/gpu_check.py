@@ -19,8 +19,9 @@ after the time budget is recorded as skipped. Results: `gpu_check.json` and `gpu
     python bench/gpu_check.py --dry-run --out /tmp/gpu-dry   # CPU, tiny model, about a minute: keeps it working
     python bench/gpu_check.py --wheels                       # the wheels to carry beyond a CUDA PyTorch image
 
-Offline machine: on a machine with network and the same Python, `pip download -d wheels $(python
-bench/gpu_check.py --wheels)`; on the GPU machine, `pip install --no-index --find-links wheels $(cat list)`.
+Offline machine: `--wheels > wheels.txt` lists every distribution needed, recursively; on a machine with network
+and the same Python, `pip download --no-deps -d wheels -r wheels.txt`; on the GPU machine, `pip install --no-index
+--no-deps --find-links wheels -r wheels.txt`. dpokit itself comes as this repository (its `src` is put on the path).
 """
 
 from __future__ import annotations
