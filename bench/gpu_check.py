@@ -211,6 +211,7 @@ def flex_check(device: str, tokenizer: Any) -> dict[str, Any]:
     from dpokit.logprobs import SequenceLogps, sequence_logps_reference
     from dpokit.models import add_lora
 
+    precision = torch.backends.cuda.matmul.fp32_precision
     if device == "cuda":
         torch.backends.cuda.matmul.fp32_precision = "ieee"  # the check compares fp32 with fp32
     rows = synthetic.generate(6, seed=1, max_length=1024)
@@ -253,8 +254,7 @@ def flex_check(device: str, tokenizer: Any) -> dict[str, Any]:
             not gradients or entry["grad_max_abs_diff"] <= 1e-4 + 1e-3 * entry["grad_max_abs"]
         )
         results[name] = entry
-    if device == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cuda.matmul.fp32_precision = precision
     return results
 
 
