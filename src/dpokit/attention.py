@@ -12,6 +12,7 @@ SDPA, so the same model still runs ordinary padded batches.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from dpokit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 NAME = "dpokit_segments"
 
@@ -135,3 +138,112 @@ def enable(model: Any) -> bool:
 
 def enabled(model: Any) -> bool:
     return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+# --- which attention kernel a run uses --------------------------------------------------------------------------
+
+KERNELS = ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The attention a run uses: what transformers loads (`load_as`), what then runs (`kernel`), and why."""
+
+    load_as: str  # transformers' attn_implementation
+    kernel: str  # load_as, NAME (segments one at a time) or flex.NAME (FlexAttention block masks)
+    reason: str
+
+    def describe(self) -> str:
+        names = {NAME: "sdpa, one segment at a time", "dpokit_flex": "flex_attention block masks"}
+        return f"attention: {names.get(self.kernel, self.kernel)} ({self.reason})"
+
+
+def choose(
+    requested: str, device: torch.device, *, packed: bool, prefix_sharing: bool, segment_attention: bool
+) -> Choice:
+    """The attention for `attn_implementation=requested` on `device`. `auto` takes FlexAttention for packed or
+    prefix-shared rows on CUDA, and SDPA elsewhere: on CPU segment attention measures fastest, and torch's
+    FlexAttention has no backward there; padded rows gain nothing from a block mask."""
+    from dpokit import flex
+
+    cuda = device.type == "cuda"
+    if requested == "auto":
+        if cuda and packed and flex.available():
+            return Choice("sdpa", flex.NAME, "auto: packed rows on CUDA")
+        reason = "auto: padded rows" if not packed else f"auto: packed rows on {device.type}"
+        if packed and cuda:
+            reason += f"; torch {torch.__version__} has no FlexAttention"
+        return _sdpa(reason, packed, segment_attention)
+    if requested == "flex_attention":
+        if not flex.available():
+            raise UserError(f"attn_implementation=flex_attention needs torch >= 2.5 (this is {torch.__version__})")
+        if not cuda:
+            raise UserError(
+                f"attn_implementation=flex_attention trains on CUDA only (torch {torch.__version__} has no "
+                f"FlexAttention backward on {device.type}); use attn_implementation=auto or sdpa"
+            )
+        return Choice("sdpa", flex.NAME, "as configured")
+    if requested == "flash_attention_2":
+        return _flash(device, prefix_sharing)
+    if requested == "eager" and packed and segment_attention:
+        raise UserError(
+            "segment_attention runs only where transformers' sdpa attention does (attn_implementation is 'eager'); "
+            "set segment_attention=false"
+        )
+    return (
+        _sdpa("as configured", packed, segment_attention)
+        if requested == "sdpa"
+        else Choice("eager", "eager", "as configured")
+    )
+
+
+def for_config(cfg: Any, device: torch.device) -> Choice:
+    """`choose` for a `DPOConfig`."""
+    return choose(
+        cfg.attn_implementation,
+        device,
+        packed=cfg.padding_free or cfg.prefix_sharing,
+        prefix_sharing=cfg.prefix_sharing,
+        segment_attention=cfg.segment_attention,
+    )
+
+
+def _sdpa(reason: str, packed: bool, segment_attention: bool) -> Choice:
+    return Choice("sdpa", NAME if packed and segment_attention else "sdpa", reason)
+
+
+def _flash(device: torch.device, prefix_sharing: bool) -> Choice:
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError(
+            "attn_implementation=flash_attention_2 needs the flash-attn package (pip install flash-attn); or use "
+            "attn_implementation=auto"
+        )
+    if device.type != "cuda":
+        raise UserError(f"attn_implementation=flash_attention_2 runs on CUDA only, not {device.type}")
+    if prefix_sharing:
+        raise UserError(
+            "attn_implementation=flash_attention_2 cannot keep rejected tokens from seeing chosen ones in a shared "
+            "row; set prefix_sharing=false (packed rows still run varlen) or use attn_implementation=flex_attention"
+        )
+    return Choice("flash_attention_2", "flash_attention_2", "as configured; packed rows by restarting positions")
+
+
+def apply(choice: Choice, model: Any) -> None:
+    """Switch a model loaded with `choice.load_as` to `choice.kernel`, and say which attention runs."""
+    from dpokit import flex
+
+    switch = {NAME: enable, flex.NAME: flex.enable}.get(choice.kernel)
+    if switch is not None and not switch(model):
+        fix = "set segment_attention=false" if choice.kernel == NAME else "set attn_implementation=eager"
+        raise UserError(
+            f"{choice.describe()} runs only where transformers' sdpa attention does, which model "
+            f"{type(model).__name__} does not; {fix}"
+        )
+    log.info("%s", choice.describe())
+
+
+def is_varlen(model: Any) -> bool:
+    """Whether packed rows run flash-attn's varlen kernels, which find the segments from the position ids."""
+    return getattr(model.config, "_attn_implementation", None) == "flash_attention_2"

@@ -70,7 +70,13 @@ class DPOConfig:
         False, "Allow a model folder to run its own Python code. Off unless you trust the source.", "model"
     )
     attn_implementation: str = option(
-        "sdpa", "Attention kernel passed to transformers.", "model", choices=("sdpa", "eager")
+        "auto",
+        "Attention kernel. `auto` (printed at start): FlexAttention block masks for packed and prefix-shared rows "
+        "on CUDA, SDPA elsewhere (on CPU one segment at a time, see segment_attention). `flex_attention` needs CUDA; "
+        "`flash_attention_2` needs CUDA, the flash-attn package and prefix_sharing=false; `sdpa` and `eager` are "
+        "transformers' own.",
+        "model",
+        choices=("auto", "sdpa", "flex_attention", "flash_attention_2", "eager"),
     )
     chat_template: str | None = option(
         None,
@@ -305,7 +311,8 @@ class DPOConfig:
     segment_attention: bool = option(
         True,
         "With padding_free or prefix_sharing, attention runs one sequence at a time with causal kernels (fp32 on "
-        "CPU) instead of one masked pass over each whole row. Needs attn_implementation=sdpa.",
+        "CPU) instead of one masked pass over each whole row, where attention runs through SDPA (on CPU, or with "
+        "attn_implementation=sdpa); FlexAttention and flash-attn have their own packed paths.",
         "speed",
     )
     torch_compile: bool = option(

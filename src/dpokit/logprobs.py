@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dpokit import attention
+from dpokit import attention, flex
 from dpokit.data.collate import Batch
 from dpokit.models import base_model
 
@@ -206,6 +206,7 @@ class SequenceLogps(torch.nn.Module):
         self.wpo = wpo  # also return WPO's per-sequence means
         self._frozen_head: tuple[Any, ...] | None = None
         self.segment_attention = attention.enabled(self._causal_lm())
+        self.flex = flex.enabled(self._causal_lm())
 
     def _causal_lm(self) -> Any:
         return base_model(self.model)
@@ -227,10 +228,15 @@ class SequenceLogps(torch.nn.Module):
         causal_lm = self._causal_lm()
         backbone = causal_lm.get_decoder()
         weight, bias, dtype = self._head(causal_lm.get_output_embeddings(), batch.input_ids.device)
-        if batch.segments is None:
+        if self.flex:  # rows padded to a compiled width; the block mask holds the layout
+            batch = flex.bucketed(batch)
+            layout = {"attention_mask": flex.block_mask(batch)}
+        elif batch.segments is None:
             layout = {"attention_mask": batch.attention_mask}
         elif self.segment_attention:
             layout = {"attention_mask": None, "segments": batch.segments}
+        elif attention.is_varlen(self._causal_lm()):  # one packed row: varlen kernels from the restarting positions
+            layout = {"attention_mask": None}
         else:
             layout = {"attention_mask": batch.dense_mask()}
         hidden = backbone(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from dpokit import attention
+from dpokit import attention, devices
 from dpokit import checkpoint as ckpt
 from dpokit.config import DPOConfig, load_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
@@ -282,6 +282,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         project_dir=cfg.output_dir,
     )
     check_sharding(acc)
+    devices.prepare(acc.device)
     if not acc.is_main_process:
         logging.getLogger("dpokit").setLevel(logging.WARNING)  # the main process reports for all
     out = Path(cfg.output_dir)
@@ -372,22 +373,20 @@ def make_batch(
     """Pairs `indices` of `data` in the layout the speed keys select, on `device`."""
     pairs = [data.pairs[i] for i in indices]
     # one row without padding is the layout segment attention runs best; a dense-mask kernel wants short rows
-    layout = {"padding_free": cfg.padding_free, "prefix_sharing": cfg.prefix_sharing, "one_row": cfg.segment_attention}
+    one_row = cfg.segment_attention or cfg.attn_implementation == "flash_attention_2"  # varlen finds one row's segments
+    layout = {"padding_free": cfg.padding_free, "prefix_sharing": cfg.prefix_sharing, "one_row": one_row}
     return collate(pairs, pad_id, **layout).to(device)
 
 
 def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
     """The model to train: LoRA on a frozen base (stored in bf16 under bf16 autocast), or every weight; dropout
     off as TRL does by default."""
+    choice = attention.for_config(cfg, device)
     model = load_model(
-        cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
+        cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, attn_implementation=choice.load_as
     )
     model.config.use_cache = False
-    if cfg.segment_attention and (cfg.padding_free or cfg.prefix_sharing) and not attention.enable(model):
-        raise UserError(
-            f"segment_attention runs only where transformers' sdpa attention does (attn_implementation is "
-            f"{cfg.attn_implementation!r}, model {type(model).__name__}); set segment_attention=false"
-        )
+    attention.apply(choice, model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_peft:
