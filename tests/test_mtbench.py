@@ -247,8 +247,7 @@ def _handmade_records() -> list[ComparisonRecord]:
 def test_fastchat_show_result_tallies_what_we_report(tmp_path: Path) -> None:
     records = _handmade_records()
     sides = Contestant("m", None, "base"), Contestant("m", None, "aligned")
-    judge = types.SimpleNamespace(spec="test", failure_reasons={})
-    summary = comparison_summary(records, *sides, judge, SamplingSettings(), seed=0)
+    summary = comparison_summary(records, *sides, "test", SamplingSettings(), seed=0)
     write_comparison(tmp_path / "cmp", records, *sides, summary)
     judgments = tmp_path / "cmp" / "model_judgment" / "dpokit_pair.jsonl"
     command = [sys.executable, "-m", "fastchat.llm_judge.show_result", "--mode", "pairwise-all"]
@@ -263,5 +262,6 @@ def test_fastchat_show_result_tallies_what_we_report(tmp_path: Path) -> None:
     assert win_rate == pytest.approx(summary["win_rate"], abs=1e-6)
     assert adjusted == pytest.approx(summary["win_rate_adjusted"], abs=1e-6)
     assert table["base"][:3] == [loss, win, tie]
+    assert summary["position_consistency"] == pytest.approx(4 / 6)
     assert summary["judge_failures"] == 2  # dropped by FastChat as "error" judgments, counted apart by us
     assert re.search(r"win_rate_adjusted", shown.stdout)

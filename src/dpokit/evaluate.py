@@ -504,7 +504,8 @@ def compare_models(
     records = gather_object(records)
     summary: dict[str, Any] = {}
     if state.is_main_process:
-        summary = comparison_summary(records, side_1, side_2, judge, settings, seed)
+        reasons = getattr(judge, "failure_reasons", None)
+        summary = comparison_summary(records, side_1, side_2, judge.spec, settings, seed, failure_reasons=reasons)
         summary["judge_prompts"] = "mt-bench" if prompts is not None else "dpokit"
         write_comparison(output_dir, records, side_1, side_2, summary)
     state.wait_for_everyone()
@@ -515,9 +516,10 @@ def comparison_summary(
     records: Sequence[ComparisonRecord],
     side_1: Contestant,
     side_2: Contestant,
-    judge: Any,
+    judge_spec: str,
     settings: SamplingSettings,
     seed: int,
+    failure_reasons: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     games = [g for r in records for g in r.games]
     lengths_1 = [len(a) for r in records for a in r.answers_1]
@@ -532,8 +534,8 @@ def comparison_summary(
         "model_a": _side_summary(side_1),
         "model_b": _side_summary(side_2),
         "perspective": "wins, ties and losses are model B's (model_2) against model A (model_1)",
-        "judge": judge.spec,
-        "judge_failure_reasons": dict(getattr(judge, "failure_reasons", {})),
+        "judge": judge_spec,
+        "judge_failure_reasons": dict(failure_reasons or {}),
         "questions": len(records),
         "sampling": settings.to_dict(),
         "bootstrap": {"resamples": DEFAULT_RESAMPLES, "seed": seed, "cluster": "question"},
