@@ -13,7 +13,9 @@ A judge is built from a spec string by `load_judge`:
 
 Every judge offers both verbs. `score` returns one score per response, `None` where the judge gave no usable
 verdict; `compare` returns "A", "B", "tie", or `None` for no verdict. Scoring judges compare by score; LLM judges
-are asked the pairwise question. Every missing verdict is counted in `judge.failures` (by reason in
+are asked the pairwise question. LLM judges also take pairwise questions already written out
+(`PairwiseRequest`: `compare` writes MT-Bench's prompts that way) through `compare_requests`, which returns each
+reply beside its verdict. Every missing verdict is counted in `judge.failures` (by reason in
 `judge.failure_reasons`), never guessed.
 
 Failures follow one rule: a judge that fails before it ever worked is misconfigured, and that is a one-line
