@@ -134,7 +134,8 @@ def test_timeouts_reach_the_request(served: ServedModel, tmp_path: Path, capsys:
     a = _write(tmp_path / "a.jsonl", [_answer(QUESTIONS[0], "red")])
     b = _write(tmp_path / "b.jsonl", [_answer(QUESTIONS[0], "green")])
     argv = ["compare", "--answers-a", str(a), "--answers-b", str(b), "--prompts", str(prompts), "--output"]
-    argv += [str(tmp_path / "out"), "--judge", served.judge_spec, "--judge-timeout", "0.05", "--judge-retries", "0"]
+    argv += [str(tmp_path / "out"), "--judge-max-tokens", "4"]  # the server still writes the reply it was asked
+    argv += ["--judge", served.judge_spec, "--judge-timeout", "0.05", "--judge-retries", "0"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"no reply from {served.base_url} within 0.05 s" in err and "Traceback" not in err

@@ -664,7 +664,11 @@ class OpenAIJudge(LLMJudge):
                 "and that BASE_URL ends where /chat/completions starts (often /v1)"
             ) from None
         if isinstance(error, openai.APIStatusError):
-            return f"HTTP {error.status_code}", f"from {self.base_url}: {self._redact(error.message)[:160]}"
+            message = error.message
+            body = error.body
+            if isinstance(body, dict) and isinstance(body.get("detail"), str):  # FastAPI servers (transformers serve)
+                message = f"{message}: {body['detail']}"
+            return f"HTTP {error.status_code}", f"from {self.base_url}: {self._redact(message)[:240]}"
         return "malformed reply", self._redact(error)[:160]
 
     def _redact(self, value: object) -> str:
