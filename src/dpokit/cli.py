@@ -431,6 +431,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "--output", default=None, metavar="DIR", help="folder for the results (default: RUN_DIR/compare of B)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --output")
+    g = p.add_argument_group("MT-Bench files (FastChat's layouts)")
+    g.add_argument("--judge-prompts", default=None, metavar="FILE", help="judge_prompts.jsonl: judge with pair-v2")
+    g.add_argument("--reference-answers", default=None, metavar="FILE", help="reference_answer/gpt-4.jsonl")
+    g.add_argument("--answers-a", default=None, metavar="FILE", help="model_answer/<name>.jsonl: A's answers, made")
+    g.add_argument("--answers-b", default=None, metavar="FILE", help="model_answer/<name>.jsonl: B's answers, made")
     _add_answering_options(p, temperature=0.0, max_new_tokens=512)
     _add_judge_options(p)
 

@@ -230,6 +230,8 @@ class Game:
     g1_winner: str  # answers shown as (A, B): model_1 | model_2 | tie | error
     g2_winner: str  # answers shown as (B, A), already mapped back to model names
     category: str | None = None
+    length_1: int | None = None  # characters of the judged answers (this turn's), for the length-controlled rate
+    length_2: int | None = None
 
     @property
     def outcome(self) -> str:
@@ -272,9 +274,14 @@ def summarize_games(
     """Wins, ties, losses of model_2, MT-Bench's rates, and a bootstrap interval of the adjusted rate.
 
     `win_rate` = wins / total and `win_rate_adjusted` = (wins + ties / 2) / total, total = wins + ties + losses;
-    failures count apart. The interval resamples questions (both turns of one question together).
+    failures count apart. The interval resamples questions (both turns of one question together). Beside them, the
+    judge's position consistency and the length-controlled rate (`dpokit.judge_bias`), from the games that know
+    their answers' lengths.
     """
+    from dpokit.judge_bias import length_controlled_win_rate, position_consistency
+
     counted = [g for g in games if g.outcome != "failure"]
+    measured = [g for g in counted if g.length_1 is not None and g.length_2 is not None]
     counts = {o: sum(g.outcome == o for g in games) for o in OUTCOMES}
     total = len(counted)
     summary: dict[str, Any] = {
@@ -288,6 +295,10 @@ def summarize_games(
         "ci_low": None,
         "ci_high": None,
         "confidence": confidence,
+        "position_consistency": position_consistency([(g.g1_winner, g.g2_winner) for g in counted]),
+        "win_rate_length_controlled": length_controlled_win_rate(
+            [g.score for g in measured], [g.length_2 - g.length_1 for g in measured]
+        ),
     }
     if total:
         summary["ci_low"], summary["ci_high"] = bootstrap_mean_interval(
@@ -328,12 +339,15 @@ def judged_exchange(
 
 @dataclass(frozen=True)
 class Contestant:
-    """One side of a comparison: a model, an optional adapter, and the model_id written into the outputs."""
+    """One side of a comparison: a model, an optional adapter, and the model_id written into the outputs; or
+    answers already made (an MT-Bench answer file, read by `dpokit.mtbench.load_answer_file`)."""
 
     model: str | None
     adapter: str | None
     model_id: str
     system_message: str = "keep"  # what its answers do with system turns (see dpokit.data.chat_template)
+    answers: dict[str, list[str]] | None = field(default=None, compare=False, repr=False)
+    answers_file: str | None = None
 
 
 def contestant_id(model: str | None, adapter: str | None) -> str:
@@ -347,6 +361,10 @@ def contestant_id(model: str | None, adapter: str | None) -> str:
 
 
 def _answers_of(side: Contestant, questions: Sequence[Question], settings: SamplingSettings, bf16: bool | None):
+    if side.answers is not None:
+        from dpokit.mtbench import answers_for
+
+        return answers_for(side.answers, questions, side.answers_file or side.model_id)
     model, tokenizer = load_for_inference(side.model, side.adapter)
     answers = answer_questions(model, tokenizer, questions, settings, bf16, system_message=side.system_message)
     del model  # the memory goes back before the other side's model loads
@@ -367,35 +385,98 @@ class ComparisonRecord:
     judgments: list[dict[str, Any]] = field(default_factory=list)
 
 
+class OwnPrompts:
+    """Our pairwise prompt (`dpokit.judges.PAIRWISE_PROMPT`) for each turn of a question, for LLM judges."""
+
+    def check(self, questions: Sequence[Question]) -> None:
+        return None
+
+    def judged_turns(self, question: Question) -> range:
+        return range(1, len(question.turns) + 1)
+
+    def prompt_name(self, question: Question, turn: int) -> str:
+        return "dpokit-pair" if turn == 1 else "dpokit-pair-multi-turn"
+
+    def request(self, question: Question, turn: int, answers_a: Sequence[str], answers_b: Sequence[str]) -> Any:
+        from dpokit.judges import PAIRWISE_PROMPT, LLMJudge, PairwiseRequest, parse_verdict, question_text
+
+        prompt, answer_a, answer_b = judged_exchange(question, turn, answers_a, answers_b)
+        text = PAIRWISE_PROMPT.format(question=question_text(prompt), answer_a=answer_a, answer_b=answer_b)
+        return PairwiseRequest(({"role": "user", "content": text},), parse_verdict, LLMJudge.REPLY_START)
+
+
+def _judgment_row(
+    record: ComparisonRecord, game: Game, ids: tuple[str, str], judge_name: list[str], asked: tuple[str, ...]
+) -> dict[str, Any]:
+    """One line of MT-Bench's model_judgment/*_pair.jsonl; `asked` is (g1 prompt, g1 reply, g2 prompt, g2 reply)."""
+    return {
+        "question_id": record.question.question_id,
+        "model_1": ids[0],
+        "model_2": ids[1],
+        "g1_winner": game.g1_winner,
+        "g2_winner": game.g2_winner,
+        "judge": judge_name,
+        "g1_user_prompt": asked[0],
+        "g1_judgment": asked[1],
+        "g2_user_prompt": asked[2],
+        "g2_judgment": asked[3],
+        "turn": game.turn,
+        "tstamp": time.time(),
+        "category": record.question.category,
+        "outcome": game.outcome,
+    }
+
+
 def play_question(
     judge: Any, question: Question, answers_1: list[str], answers_2: list[str], ids: tuple[str, str]
 ) -> ComparisonRecord:
-    """Judge every turn of one question in both orders; judgment rows in MT-Bench's pairwise layout."""
+    """Judge every turn of one question in both orders through `judge.compare`; rows in MT-Bench's layout."""
     record = ComparisonRecord(question, answers_1, answers_2)
     for turn in range(1, len(question.turns) + 1):
         prompt, answer_1, answer_2 = judged_exchange(question, turn, answers_1, answers_2)
         g1, g2 = judge_both_orders(judge, prompt, answer_1, answer_2)
-        game = Game(question.question_id, turn, g1, g2, question.category)
+        lengths = len(answers_1[turn - 1]), len(answers_2[turn - 1])
+        game = Game(question.question_id, turn, g1, g2, question.category, *lengths)
         record.games.append(game)
-        record.judgments.append(
-            {
-                "question_id": question.question_id,
-                "model_1": ids[0],
-                "model_2": ids[1],
-                "g1_winner": g1,
-                "g2_winner": g2,
-                "judge": [judge.spec, "dpokit-pair" if turn == 1 else "dpokit-pair-multi-turn"],
-                "g1_user_prompt": prompt[-1]["content"],
-                "g1_judgment": g1,
-                "g2_user_prompt": prompt[-1]["content"],
-                "g2_judgment": g2,
-                "turn": turn,
-                "tstamp": time.time(),
-                "category": question.category,
-                "outcome": game.outcome,
-            }
-        )
+        name = [judge.spec, OwnPrompts().prompt_name(question, turn)]
+        asked = (prompt[-1]["content"], g1, prompt[-1]["content"], g2)
+        record.judgments.append(_judgment_row(record, game, ids, name, asked))
     return record
+
+
+def play_questions(
+    judge: Any,
+    questions: Sequence[Question],
+    answers_1: Sequence[list[str]],
+    answers_2: Sequence[list[str]],
+    ids: tuple[str, str],
+    prompts: Any | None = None,
+) -> list[ComparisonRecord]:
+    """Every judged (question, turn) in both orders. An LLM judge (one with `compare_requests`) is sent all the
+    written-out prompts at once, ours or `prompts` (MT-Bench's), and its replies are kept in the rows; any other
+    judge is asked through `compare`, one question at a time."""
+    if not hasattr(judge, "compare_requests"):
+        if prompts is not None:
+            raise UserError(f"--judge-prompts needs an llm: or openai: judge; `{judge.spec}` reads no prompt")
+        return [play_question(judge, *item, ids) for item in zip(questions, answers_1, answers_2, strict=True)]
+    prompts = prompts or OwnPrompts()
+    records = [ComparisonRecord(*item) for item in zip(questions, answers_1, answers_2, strict=True)]
+    plan = [(r, turn) for r in records for turn in prompts.judged_turns(r.question)]
+    requests = []
+    for r, turn in plan:
+        requests.append(prompts.request(r.question, turn, r.answers_1, r.answers_2))  # model_1 shown first
+        requests.append(prompts.request(r.question, turn, r.answers_2, r.answers_1))
+    replies = judge.compare_requests(requests)
+    for i, (r, turn) in enumerate(plan):
+        (v1, reply_1), (v2, reply_2) = replies[2 * i], replies[2 * i + 1]
+        g1 = _mapped(v1, MODEL_1, MODEL_2, judge.spec)
+        g2 = _mapped(v2, MODEL_2, MODEL_1, judge.spec)
+        lengths = len(r.answers_1[turn - 1]), len(r.answers_2[turn - 1])
+        game = Game(r.question.question_id, turn, g1, g2, r.question.category, *lengths)
+        r.games.append(game)
+        asked = (requests[2 * i].messages[-1]["content"], reply_1, requests[2 * i + 1].messages[-1]["content"], reply_2)
+        r.judgments.append(_judgment_row(r, game, ids, [judge.spec, prompts.prompt_name(r.question, turn)], asked))
+    return records
 
 
 def compare_models(
@@ -408,8 +489,10 @@ def compare_models(
     *,
     bf16: bool | None = None,
     seed: int = 0,
+    prompts: Any | None = None,
 ) -> dict[str, Any]:
-    """Answer, judge in both orders, write the MT-Bench files and summary.json; return the summary.
+    """Answer, judge in both orders, write the MT-Bench files and summary.json; return the summary. `prompts`
+    (`dpokit.mtbench.MTBenchPrompts`) replaces our own pairwise prompt for an LLM judge.
 
     Under `accelerate launch` each process answers and judges its own contiguous share of the questions and
     the main process writes everything, in question order.
@@ -423,13 +506,13 @@ def compare_models(
             answers_1 = _answers_of(side_1, shard, settings, bf16)
             answers_2 = _answers_of(side_2, shard, settings, bf16)
             ids = (side_1.model_id, side_2.model_id)
-            records = [
-                play_question(judge, q, a1, a2, ids) for q, a1, a2 in zip(shard, answers_1, answers_2, strict=True)
-            ]
+            records = play_questions(judge, shard, answers_1, answers_2, ids, prompts)
     records = gather_object(records)
     summary: dict[str, Any] = {}
     if state.is_main_process:
-        summary = comparison_summary(records, side_1, side_2, judge.spec, settings, seed)
+        reasons = getattr(judge, "failure_reasons", None)
+        summary = comparison_summary(records, side_1, side_2, judge.spec, settings, seed, failure_reasons=reasons)
+        summary["judge_prompts"] = "mt-bench" if prompts is not None else "dpokit"
         write_comparison(output_dir, records, side_1, side_2, summary)
     state.wait_for_everyone()
     return summary
@@ -442,6 +525,7 @@ def comparison_summary(
     judge_spec: str,
     settings: SamplingSettings,
     seed: int,
+    failure_reasons: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     games = [g for r in records for g in r.games]
     lengths_1 = [len(a) for r in records for a in r.answers_1]
@@ -453,15 +537,23 @@ def comparison_summary(
         "mean_length_b": sum(lengths_2) / len(lengths_2),
         "length_unit": "characters",
         "longer_answer_won": _longer_answer_won(records),
-        "model_a": {"model_id": side_1.model_id, "model": side_1.model, "adapter": side_1.adapter},
-        "model_b": {"model_id": side_2.model_id, "model": side_2.model, "adapter": side_2.adapter},
+        "model_a": _side_summary(side_1),
+        "model_b": _side_summary(side_2),
         "perspective": "wins, ties and losses are model B's (model_2) against model A (model_1)",
         "judge": judge_spec,
+        "judge_failure_reasons": dict(failure_reasons or {}),
         "questions": len(records),
         "sampling": settings.to_dict(),
         "bootstrap": {"resamples": DEFAULT_RESAMPLES, "seed": seed, "cluster": "question"},
         "files": {"questions": QUESTIONS_FILE, "answers": ANSWERS_DIR, "judgments": JUDGMENTS_FILE},
     }
+
+
+def _side_summary(side: Contestant) -> dict[str, Any]:
+    row: dict[str, Any] = {"model_id": side.model_id, "model": side.model, "adapter": side.adapter}
+    if side.answers_file is not None:
+        row["answers"] = side.answers_file
+    return row
 
 
 def _longer_answer_won(records: Sequence[ComparisonRecord]) -> float | None:
@@ -541,37 +633,96 @@ def _compare_output(args: argparse.Namespace) -> Path:
 
 
 def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant]:
-    """Model A defaults to model B's base, so `--adapter-b RUN/adapter` alone compares before and after."""
-    if args.model_b is None and args.adapter_b is None:
-        raise UserError("give --model-b and/or --adapter-b: the model to compare against model A")
+    """Model A defaults to model B's base, so `--adapter-b RUN/adapter` alone compares before and after. A side given
+    `--answers-X` (an MT-Bench answer file) is judged on those answers and loads no model."""
+    answers_a, answers_b = getattr(args, "answers_a", None), getattr(args, "answers_b", None)
+    for side, answers, model, adapter in (
+        ("a", answers_a, args.model_a, args.adapter_a),
+        ("b", answers_b, args.model_b, args.adapter_b),
+    ):
+        if answers is not None and (model is not None or adapter is not None):
+            raise UserError(f"give --answers-{side} or --model-{side}/--adapter-{side}, not both")
+    if args.model_b is None and args.adapter_b is None and answers_b is None:
+        raise UserError("give --model-b and/or --adapter-b (or --answers-b): the model to compare against model A")
     model_a = args.model_a
-    if model_a is None and args.adapter_a is None:
+    if model_a is None and args.adapter_a is None and answers_a is None:
+        if answers_b is not None:
+            raise UserError("give --model-a, --adapter-a or --answers-a: there is no model B whose base could be A")
         model_a = args.model_b or adapter_base_model(args.adapter_b)
-    id_1 = args.name_a or contestant_id(model_a, args.adapter_a)
-    id_2 = args.name_b or contestant_id(args.model_b, args.adapter_b)
+    id_1 = args.name_a or _default_id(model_a, args.adapter_a, answers_a)
+    id_2 = args.name_b or _default_id(args.model_b, args.adapter_b, answers_b)
     if id_1 == id_2:
         id_1, id_2 = f"{id_1}-A", f"{id_2}-B"
     policy_1 = system_message_of(args.adapter_a, args.system_message)
     policy_2 = system_message_of(args.adapter_b, args.system_message)
-    return Contestant(model_a, args.adapter_a, id_1, policy_1), Contestant(args.model_b, args.adapter_b, id_2, policy_2)
+    return _contestant(model_a, args.adapter_a, id_1, policy_1, answers_a, "--answers-a"), _contestant(
+        args.model_b, args.adapter_b, id_2, policy_2, answers_b, "--answers-b"
+    )
+
+
+def _default_id(model: str | None, adapter: str | None, answers_file: str | None) -> str:
+    """FastChat names a model by its answer file (model_answer/<name>.jsonl); a model by `contestant_id`."""
+    if answers_file is not None:
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(answers_file).stem).strip("-") or "model"
+    return contestant_id(model, adapter)
+
+
+def _contestant(
+    model: str | None, adapter: str | None, model_id: str, system_message: str, answers_file: str | None, flag: str
+) -> Contestant:
+    if answers_file is None:
+        return Contestant(model, adapter, model_id, system_message)
+    from dpokit.mtbench import load_answer_file
+
+    answers = load_answer_file(answers_file, flag)
+    return Contestant(None, None, model_id, system_message, answers=answers, answers_file=f"{flag} {answers_file}")
+
+
+def _judge_prompts(args: argparse.Namespace, questions: Sequence[Question]) -> Any | None:
+    """MT-Bench's prompts from --judge-prompts (and --reference-answers), checked against the questions."""
+    if args.judge_prompts is None:
+        if args.reference_answers is not None:
+            raise UserError("--reference-answers is read with --judge-prompts (MT-Bench's pair-math-v1); add it")
+        return None
+    from dpokit.mtbench import MTBenchPrompts, load_answer_file, load_judge_prompts
+
+    references = None
+    if args.reference_answers is not None:
+        references = load_answer_file(args.reference_answers, "--reference-answers")
+    prompts = MTBenchPrompts(load_judge_prompts(args.judge_prompts), references)
+    prompts.check(questions)
+    return prompts
 
 
 def run_compare(args: argparse.Namespace) -> int:
     """`dpokit compare`: every input, the output folder and the judge are checked before any model loads."""
     from dpokit.judges import judge_options_from_args, load_judge
+    from dpokit.mtbench import MTBENCH_MAX_TOKENS
 
     questions = load_questions(args.prompts, args.limit)
     output = _compare_output(args)
     settings = sampling_from_args(args)
     side_1, side_2 = _contestants(args)
-    judge = load_judge(args.judge, **judge_options_from_args(args))
+    for side in (side_1, side_2):
+        if side.answers is not None:
+            _answers_of(side, questions, settings, None)  # every question is answered there, or say so now
+    prompts = _judge_prompts(args, questions)
+    options = judge_options_from_args(args)
+    if prompts is not None:
+        options.setdefault("max_tokens", MTBENCH_MAX_TOKENS)  # MT-Bench's judge explains before its verdict
+    judge = load_judge(args.judge, **options)
     try:
+        if prompts is not None and not hasattr(judge, "compare_requests"):
+            raise UserError(f"--judge-prompts needs an llm: or openai: judge; `{judge.spec}` reads no prompt")
         judge.check()  # an endpoint that cannot be reached fails now, not after every answer was generated
         for side in (side_1, side_2):
-            check_loadable(side.model, side.adapter)  # model B's mistake is found before model A answers
-            tokenizer = inference_tokenizer(side.model, side.adapter)
-            check_questions(tokenizer, questions, args.prompts, side.system_message, output.resolve().parent)
-        summary = compare_models(side_1, side_2, questions, judge, settings, output, bf16=args.bf16, seed=args.seed)
+            if side.answers is None:
+                check_loadable(side.model, side.adapter)  # model B's mistake is found before model A answers
+                tokenizer = inference_tokenizer(side.model, side.adapter)
+                check_questions(tokenizer, questions, args.prompts, side.system_message, output.resolve().parent)
+        summary = compare_models(
+            side_1, side_2, questions, judge, settings, output, bf16=args.bf16, seed=args.seed, prompts=prompts
+        )
     finally:
         judge.close()
     if summary:
@@ -603,9 +754,15 @@ def print_comparison(summary: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     console.print(
-        f"mean answer length: A {summary['mean_length_a']:.0f}, B {summary['mean_length_b']:.0f} characters",
+        f"mean answer length: A {summary['mean_length_a']:.0f}, B {summary['mean_length_b']:.0f} characters; "
+        f"length-controlled win rate {_percent(summary['win_rate_length_controlled'])}; judge position "
+        f"consistency {_percent(summary['position_consistency'])} (both orders agree)",
         markup=False,
     )
+    reasons = summary.get("judge_failure_reasons") or {}
+    if reasons:
+        shown = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        console.print(f"judge gave no verdict {sum(reasons.values())} times: {shown}", markup=False)
 
 
 def _percent(value: float | None) -> str:

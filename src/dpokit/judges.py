@@ -13,7 +13,9 @@ A judge is built from a spec string by `load_judge`:
 
 Every judge offers both verbs. `score` returns one score per response, `None` where the judge gave no usable
 verdict; `compare` returns "A", "B", "tie", or `None` for no verdict. Scoring judges compare by score; LLM judges
-are asked the pairwise question. Every missing verdict is counted in `judge.failures` (by reason in
+are asked the pairwise question. LLM judges also take pairwise questions already written out
+(`PairwiseRequest`: `compare` writes MT-Bench's prompts that way) through `compare_requests`, which returns each
+reply beside its verdict. Every missing verdict is counted in `judge.failures` (by reason in
 `judge.failure_reasons`), never guessed.
 
 Failures follow one rule: a judge that fails before it ever worked is misconfigured, and that is a one-line
@@ -477,12 +479,27 @@ class RewardModelJudge(ScoringJudge):
 # --- llm:MODEL ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PairwiseRequest:
+    """A pairwise question already written out for an LLM judge (by `compare`, in our words or MT-Bench's)."""
+
+    messages: tuple[Message, ...]  # the chat sent to the judge: an optional system message, then the user's
+    parse: Callable[[str], Verdict | None]  # reads the verdict in the judge's reply
+    reply_start: str = ""  # a local judge's reply is started with it; an endpoint cannot be given one
+
+
 class LLMJudge(BaseJudge):
     """A judge that reads `SCORE_PROMPT` / `PAIRWISE_PROMPT` and replies in words, parsed for the verdict."""
 
-    def ask(self, questions: list[str]) -> list[str | None]:
-        """One reply per question (None where none came); subclasses talk to their model."""
+    REPLY_START = "[["  # the opening of the verdict our prompts ask for
+
+    def chat(self, conversations: list[list[Message]], reply_start: str = "") -> list[str | None]:
+        """One reply per conversation (None where none came); subclasses talk to their model."""
         raise NotImplementedError
+
+    def ask(self, questions: list[str]) -> list[str | None]:
+        """Replies to our own prompts, each sent as one user message."""
+        return self.chat([[{"role": "user", "content": q}] for q in questions], self.REPLY_START)
 
     def score_batch(self, prompts: Sequence[list[Message]], responses: Sequence[list[str]]) -> list[list[float | None]]:
         questions = [
@@ -496,6 +513,16 @@ class LLMJudge(BaseJudge):
     def compare_batch(self, items: Sequence[tuple[list[Message], str, str]]) -> list[Verdict | None]:
         questions = [PAIRWISE_PROMPT.format(question=question_text(p), answer_a=a, answer_b=b) for p, a, b in items]
         return [self._parsed(reply, parse_verdict) for reply in self.ask(questions)]
+
+    def compare_requests(self, requests: Sequence[PairwiseRequest]) -> list[tuple[Verdict | None, str | None]]:
+        """(verdict, the judge's reply) of each written-out question; the reply is None where the request failed.
+        Requests that start their reply alike are asked together, so an endpoint judge overlaps all of them."""
+        replies: list[str | None] = [None] * len(requests)
+        for start in dict.fromkeys(r.reply_start for r in requests):
+            group = [i for i, r in enumerate(requests) if r.reply_start == start]
+            for i, reply in zip(group, self.chat([list(requests[i].messages) for i in group], start), strict=True):
+                replies[i] = reply
+        return [(self._parsed(reply, r.parse), reply) for r, reply in zip(requests, replies, strict=True)]
 
     def _parsed(self, reply: str | None, parse: Callable[[str], R | None]) -> R | None:
         if reply is None:
@@ -513,8 +540,6 @@ class LocalLLMJudge(LLMJudge):
     model answers in that form instead of restating the question.
     """
 
-    REPLY_START = "[["
-
     def __init__(self, spec: str, model_name: str, options: JudgeOptions) -> None:
         super().__init__(spec)
         from dpokit.models import load_model, load_tokenizer
@@ -526,14 +551,13 @@ class LocalLLMJudge(LLMJudge):
             num_samples=1, temperature=0.0, max_new_tokens=options.max_tokens, batch_size=options.batch_size
         )
 
-    def ask(self, questions: list[str]) -> list[str | None]:
+    def chat(self, conversations: list[list[Message]], reply_start: str = "") -> list[str | None]:
         from dpokit.sampling import generate_responses
 
-        conversations = [[{"role": "user", "content": q}] for q in questions]
         replies = generate_responses(
-            self.model, self.tokenizer, conversations, self.settings, answer_prefix=self.REPLY_START
+            self.model, self.tokenizer, conversations, self.settings, answer_prefix=reply_start
         )
-        return [self.REPLY_START + r[0] for r in replies]
+        return [reply_start + r[0] for r in replies]
 
     def close(self) -> None:
         self.model = None
@@ -580,8 +604,9 @@ class OpenAIJudge(LLMJudge):
         # httpx logs every request at INFO; that would bury the progress bar (it never logs the key)
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    def ask(self, questions: list[str]) -> list[str | None]:
-        futures = [self._pool.submit(self._chat, q) for q in questions]
+    def chat(self, conversations: list[list[Message]], reply_start: str = "") -> list[str | None]:
+        """Replies in parallel threads; `reply_start` is not sent (the chat API has no way to start a reply)."""
+        futures = [self._pool.submit(self._chat, c) for c in conversations]
         try:
             return [f.result() for f in futures]
         except BaseException:
@@ -593,15 +618,16 @@ class OpenAIJudge(LLMJudge):
         """One pairwise question about two identical answers; its verdict is not counted, only that it came. A
         failure here is a first failure, so `_request_failed` makes it a one-line UserError."""
         if not self._worked:
-            self._chat(PAIRWISE_PROMPT.format(question="Say hello.", answer_a="Hello!", answer_b="Hello!"))
+            question = PAIRWISE_PROMPT.format(question="Say hello.", answer_a="Hello!", answer_b="Hello!")
+            self._chat([{"role": "user", "content": question}])
 
-    def _chat(self, question: str) -> str | None:
+    def _chat(self, messages: list[Message]) -> str | None:
         import openai
 
         try:
             completion = self._client.chat.completions.create(
                 model=self.model,
-                messages=[{"role": "user", "content": question}],
+                messages=messages,
                 temperature=0.0,
                 max_tokens=self.options.max_tokens,
             )
@@ -638,7 +664,11 @@ class OpenAIJudge(LLMJudge):
                 "and that BASE_URL ends where /chat/completions starts (often /v1)"
             ) from None
         if isinstance(error, openai.APIStatusError):
-            return f"HTTP {error.status_code}", f"from {self.base_url}: {self._redact(error.message)[:160]}"
+            message = error.message
+            body = error.body
+            if isinstance(body, dict) and isinstance(body.get("detail"), str):  # FastAPI servers (transformers serve)
+                message = f"{message}: {body['detail']}"
+            return f"HTTP {error.status_code}", f"from {self.base_url}: {self._redact(message)[:240]}"
         return "malformed reply", self._redact(error)[:160]
 
     def _redact(self, value: object) -> str:
