@@ -13,6 +13,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import tiny  # noqa: E402
 
+# other projects' real files, read where they lie (beside the repository) and never copied into it
+REAL_DATA = Path(
+    os.environ.get("DPOKIT_REAL_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "real-data"
+)
+
 QUESTIONS = [
     "What is the capital of France?",
     "How many legs does a spider have?",

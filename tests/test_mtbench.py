@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REAL_DATA
 from dpokit.cli import main
 from dpokit.errors import UserError
 from dpokit.evaluate import ComparisonRecord, Contestant, Game, comparison_summary, write_comparison
@@ -30,7 +31,7 @@ from dpokit.mtbench import (
 )
 from dpokit.sampling import SamplingSettings
 
-REAL = Path(__file__).resolve().parents[3] / "shared" / "real-data" / "mt_bench"
+REAL = REAL_DATA / "mt_bench"
 JUDGE_PROMPTS = REAL / "judge_prompts.jsonl"
 needs_prompts = pytest.mark.skipif(not JUDGE_PROMPTS.is_file(), reason=f"no judge_prompts.jsonl at {REAL}")
 HAS_FASTCHAT = importlib.util.find_spec("fastchat") is not None and importlib.util.find_spec("pandas") is not None

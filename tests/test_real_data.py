@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from conftest import REAL_DATA
 from dpokit.cli import main
 from dpokit.data import Pair
 from dpokit.data.formats import Options, to_conversational
 from dpokit.data.inspect import parse_columns
 from dpokit.data.load import PairReader
 
-REAL_DATA = Path(os.environ.get("DPOKIT_REAL_DATA") or Path(__file__).parents[1].parent / "shared" / "real-data")
 PREFERENCE = REAL_DATA / "preference"
 EXPECTED = PREFERENCE / "first_rows.expected.jsonl"
 

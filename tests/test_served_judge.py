@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REAL_DATA
 from dpokit.cli import main
 from dpokit.judges import parse_verdict
 from dpokit.mtbench import fastchat_verdict
@@ -22,7 +23,7 @@ from served_model import ServedModel, serve
 pytestmark = pytest.mark.builtin
 
 BUILTIN = "builtin:smollm2-135m-instruct"
-REAL_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "real-data" / "mt_bench" / "judge_prompts.jsonl"
+REAL_PROMPTS = REAL_DATA / "mt_bench" / "judge_prompts.jsonl"
 QUESTIONS = [
     {"question_id": 1, "category": "writing", "turns": ["Name a colour of the sky.", "Now name another one."]},
     {"question_id": 2, "category": "math", "turns": ["What is 2 + 3?", "And 2 * 3?"]},
