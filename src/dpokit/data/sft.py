@@ -18,6 +18,7 @@ dropped, and an example left with no trained token is dropped; every change is c
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from dpokit.data.sources import iter_rows
 from dpokit.errors import UserError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 LAYOUTS = ("messages", "conversations", "prompt_completion", "alpaca", "text")
 
 
@@ -220,7 +222,7 @@ def _chat_ids(tokenizer: Any, messages: list[Message], **kwargs: Any) -> dict[st
 
 def has_generation_tags(tokenizer: Any) -> bool:
     """Whether the chat template marks assistant text (`{% generation %}`), from which transformers builds the mask."""
-    return "generation" in (getattr(tokenizer, "chat_template", None) or "") and "{%" in tokenizer.chat_template
+    return GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or "") is not None
 
 
 def assistant_mask(tokenizer: Any, messages: list[Message], ids: list[int]) -> list[bool]:
