@@ -275,3 +275,32 @@ def test_resume_is_exact(tiny_model_dir: Path, tmp_path: Path) -> None:
     a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+LENGTH_JUDGE = "def length(prompt, response):\n    return float(len(response))\n"
+
+
+def test_chain_sft_generate_train(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
+    """The pipeline with each command's output feeding the next: SFT on the chosen responses, sample pairs from
+    the SFT model, then DPO from it."""
+    sft_dir, pairs, dpo_dir = tmp_path / "sft", tmp_path / "sampled.jsonl", tmp_path / "dpo"
+    sft_args = [f"model_name_or_path={tiny_model_dir}", f"train_data={pairs_file}", "sft_on=chosen"]
+    sft_args += [f"output_dir={sft_dir}", "use_peft=false", "max_steps=2", "bf16=false", "learning_rate=1e-4"]
+    assert main(["sft", *sft_args]) == 0
+    model = json.loads((sft_dir / "summary.json").read_text())["output"]
+    assert (
+        model == str(sft_dir / "model")
+        and json.loads((sft_dir / "model" / "dpokit.json").read_text())["stage"] == "sft"
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\nHow many legs does a spider have?\nName a sea.\n")
+    judge = tmp_path / "rules.py"
+    judge.write_text(LENGTH_JUDGE)
+    generate_args = ["--model", model, "--prompts", str(prompts), "--judge", f"python:{judge}:length"]
+    generate_args += ["--output", str(pairs), "--num-samples", "4", "--max-new-tokens", "8", "--temperature", "1.0"]
+    assert main(["generate", *generate_args]) == 0
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert rows and all(r["model"] == model for r in rows)
+    assert main(["train", f"model_name_or_path={model}", f"train_data={pairs}", f"output_dir={dpo_dir}",
+                 "max_steps=1", "bf16=false", "per_device_train_batch_size=2"]) == 0  # fmt: skip
+    assert json.loads((dpo_dir / "adapter" / "dpokit.json").read_text())["base_model"] == model
