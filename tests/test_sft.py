@@ -304,3 +304,31 @@ def test_chain_sft_generate_train(tiny_model_dir: Path, pairs_file: Path, tmp_pa
     assert main(["train", f"model_name_or_path={model}", f"train_data={pairs}", f"output_dir={dpo_dir}",
                  "max_steps=1", "bf16=false", "per_device_train_batch_size=2"]) == 0  # fmt: skip
     assert json.loads((dpo_dir / "adapter" / "dpokit.json").read_text())["base_model"] == model
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_processes_equal_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`accelerate launch` on 2 CPU processes x 2 samples and 1 process x 4: the same token-mean losses (the two
+    processes hold different numbers of trained tokens) and the same weights."""
+    import subprocess
+    import sys
+
+    from test_distributed import CONFIGS, assert_same_rows, assert_same_weights, free_port, launch_env
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12))
+    evals = write_jsonl(tmp_path / "eval.jsonl", chat_rows(5))  # odd: one process gets a zero-weight pad
+    keys = ["max_steps=3", "warmup_ratio=0", f"eval_data={evals}", "per_device_eval_batch_size=2"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi-gpu.yaml")]
+    launcher += ["--num_processes", "2", "--main_process_port", str(free_port()), "-m", "dpokit", "sft"]
+    two = [f"model_name_or_path={tiny_model_dir}", f"train_data={data}", f"output_dir={tmp_path / 'two'}"]
+    two += ["bf16=false", "logging_steps=1", "learning_rate=1e-3", "per_device_train_batch_size=2", *keys]
+    done = subprocess.run(
+        [*launcher, *two], env=launch_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    run_sft(tiny_model_dir, data, tmp_path / "one", "per_device_train_batch_size=4", *keys)
+    assert_same_rows(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+    weights = [load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("one", "two")]
+    assert_same_weights(*weights)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2

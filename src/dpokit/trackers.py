@@ -24,12 +24,12 @@ from dpokit.errors import UserError
 PROJECT = "dpokit"  # the W&B / Trackio project and the MLflow experiment, unless their own variables name another
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DB = "mlflow.db"
-# tracker -> (module it needs, the dpokit extra that installs it)
+# tracker -> (module it needs, how to install it: TensorBoard comes with dpokit, the others are extras)
 LIBRARIES = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "wandb": ("wandb", "wandb"),
-    "trackio": ("trackio", "trackio"),
-    "mlflow": ("mlflow", "mlflow"),
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "wandb": ("wandb", "pip install 'dpokit[wandb]'"),
+    "trackio": ("trackio", "pip install 'dpokit[trackio]'"),
+    "mlflow": ("mlflow", "pip install 'dpokit[mlflow]'"),
 }
 
 
@@ -57,11 +57,11 @@ def requested(cfg: Any) -> list[str]:
 def check_installed(cfg: Any) -> None:
     """Fail before any work when a requested tracker's library is missing."""
     for name in requested(cfg):
-        module, extra = LIBRARIES[name]
+        module, install = LIBRARIES[name]
         if importlib.util.find_spec(module) is None:
             raise UserError(
-                f"config key `report_to` names {name}, which needs the `{module}` package: "
-                f"pip install 'dpokit[{extra}]' (or drop {name} from report_to)"
+                f"config key `report_to` names {name}, which needs the `{module}` package: {install} (or drop "
+                f"{name} from report_to)"
             )
 
 
