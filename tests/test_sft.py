@@ -332,3 +332,24 @@ def test_two_processes_equal_one(tiny_model_dir: Path, tmp_path: Path) -> None:
     weights = [load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("one", "two")]
     assert_same_weights(*weights)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+
+
+REAL_DATA = Path("/work/shared/real-data/preference")  # other projects' files: read in place, never copied
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="the shared real-data folder is not here")
+@pytest.mark.parametrize("name", ["trl_zen/conversational_preference.jsonl", "trl_zen/standard_preference.jsonl"])
+def test_chosen_side_of_real_pairs(tiny_model_dir: Path, tmp_path: Path, name: str) -> None:
+    """TRL's own preference rows become examples whose trained tokens are the chosen response and its end."""
+    from dpokit.data.sft import load_sft_data
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    source = str(REAL_DATA / name)
+    first = json.loads(Path(source).read_text(encoding="utf-8").splitlines()[0])
+    cfg = load_sft_config(None, [f"train_data={source}", "sft_on=chosen", f"output_dir={tmp_path}"])
+    data, stats = load_sft_data(cfg, tokenizer, source, "train", None)
+    assert stats["examples"] == stats["rows"] == 19 and not data.bad_rows
+    ex = data.examples[0]
+    trained = tokenizer.decode([t for t, on in zip(ex.input_ids, ex.trained, strict=True) if on])
+    chosen = first["chosen"][0]["content"] if isinstance(first["chosen"], list) else first["chosen"]
+    assert trained == chosen + "<|im_end|>" + ("\n" if isinstance(first["chosen"], list) else "")

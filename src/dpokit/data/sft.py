@@ -198,8 +198,9 @@ def read_rows(
     return examples, layout or "none", rows, bad
 
 
-def chosen_examples(source: str, cfg: Any) -> tuple[list[Example], str, int, list[BadRow]]:
-    """Prompt + chosen response of every preference pair, read by `dpokit train`'s loader."""
+def chosen_examples(source: str, cfg: Any) -> tuple[list[Example], str, int, list[BadRow], str | None]:
+    """Prompt + chosen response of every preference pair, read by `dpokit train`'s loader; with the layout, the
+    rows read, the bad rows and the file they were written to."""
     loaded = load_pairs(
         source,
         split=cfg.train_split,
@@ -210,7 +211,7 @@ def chosen_examples(source: str, cfg: Any) -> tuple[list[Example], str, int, lis
         rejected_dir=cfg.output_dir,
     )
     examples = [Example(prompt=p.prompt, completion=p.chosen, origin=p.origin) for p in loaded.pairs]
-    return examples, f"{loaded.format} (chosen)", loaded.rows, loaded.bad_rows
+    return examples, f"{loaded.format} (chosen)", loaded.rows, loaded.bad_rows, loaded.rejected_file
 
 
 # --- examples to token ids ------------------------------------------------------------------------------------------
@@ -306,8 +307,7 @@ def load_sft_data(
 ) -> tuple[SFTData, dict[str, Any]]:
     """Read, normalize, tokenize and fit a source of SFT examples as the config says; with its length statistics."""
     if cfg.sft_on == "chosen":
-        examples, layout, rows, bad = chosen_examples(source, cfg)
-        rejected_file = None
+        examples, layout, rows, bad, rejected_file = chosen_examples(source, cfg)
     else:
         text_field = cfg.dataset_text_field
         examples, layout, rows, bad = read_rows(source, split=split, data_config=data_config, text_field=text_field)
