@@ -191,6 +191,12 @@ def test_packing_run_equals_unpacked_run(tiny_model_dir: Path, tmp_path: Path) -
     assert summary["train_samples"] == 1 and summary["train_examples"] == N  # every example in one 1024-token row
     plain, packed = metrics(tmp_path / "plain")[0]["loss"], metrics(tmp_path / "packed")[0]["loss"]
     assert math.isclose(plain, packed, rel_tol=1e-5)
+    run_files = {"config.yaml", "data_stats.json", "metrics.jsonl", "summary.json", "adapter", "tensorboard"}
+    assert run_files <= {p.name for p in (tmp_path / "packed").iterdir()}
+    assert list((tmp_path / "packed" / "tensorboard").glob("events.out.tfevents.*"))
+    stats = json.loads((tmp_path / "packed" / "data_stats.json").read_text())["train"]
+    assert stats["examples"] == N and stats["tokens"]["total"]["max"] >= stats["tokens"]["trained"]["max"] > 0
+    assert "\nbeta:" not in (tmp_path / "packed" / "config.yaml").read_text()  # an SFT run saves the keys it reads
 
 
 def test_assistant_mask_on_multi_turn_chat(tiny_model_dir: Path, tmp_path: Path) -> None:
