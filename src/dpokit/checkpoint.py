@@ -167,7 +167,7 @@ def load_checkpoint(
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "data_stats.json", CHECKPOINTS, "adapter", "model")
 # what later commands leave in a run folder; replaced with the run, so a report never mixes two runs
-RUN_EXTRAS = ("tensorboard", "eval.json", "vibe.jsonl", "compare", "report.html", "dpokit.json")
+RUN_EXTRAS = ("tensorboard", "eval.json", "vibe.jsonl", "compare", "report.html", "dpokit.json", "wandb", "mlflow.db")
 
 
 def prepare_output_dir(

@@ -84,6 +84,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_sft(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "sft",
+        "dpokit.sft:run",
+        "supervised fine-tuning, the stage before DPO",
+        "Fine-tune on SFT examples (messages, ShareGPT conversations, prompt/completion, Alpaca, text) or, with "
+        "sft_on=chosen, on the chosen responses of preference pairs. Same keys, outputs, checkpoints and resume "
+        "as `dpokit train` (DPO-only keys are refused); `dpokit config` lists the sft keys last.\n\n"
+        "examples:\n"
+        "  dpokit sft train_data=chat.jsonl assistant_only_loss=true\n"
+        "  dpokit sft train_data=pairs.jsonl sft_on=chosen output_dir=runs/sft\n"
+        "  accelerate launch --num_processes 2 -m dpokit sft config.yaml packing=true",
+    )
+    p.add_argument(
+        "settings", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config and/or overrides"
+    )
+
+
 def _add_config(sub: argparse._SubParsersAction) -> None:
     p = _command(
         sub,
@@ -554,6 +573,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 COMMANDS = (
     _add_train,
+    _add_sft,
     _add_config,
     _add_data,
     _add_generate,

@@ -45,6 +45,7 @@ LOSS_TYPES = (
 )
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "none")
 
 
 def option(default: Any, help: str, group: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -186,6 +187,15 @@ class DPOConfig:
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 turns clipping off.", "train")
     seed: int = option(42, "Seed for data order, LoRA initialisation and dropout.", "train")
     logging_steps: int = option(10, "Log averaged metrics every this many optimizer steps.", "train")
+    report_to: list[str] = option(
+        ["tensorboard"],
+        "Trackers that receive the logged metrics and the resolved config, as TRL names them: `tensorboard` "
+        "(in output_dir/tensorboard), `wandb`, `trackio`, `mlflow`, a list of them, or `none`. Each runs on the main "
+        "process through its own library and works offline (WANDB_MODE=offline, Trackio's local store, MLflow's "
+        "file store in output_dir/mlruns unless MLFLOW_TRACKING_URI says otherwise).",
+        "train",
+    )
+    run_name: str | None = option(None, "Name of the run in the trackers; empty: the name of output_dir.", "train")
     eval_steps: int = option(0, "Evaluate on `eval_data` every this many steps; 0 evaluates once, at the end.", "train")
     save_steps: int = option(500, "Write a resumable checkpoint every this many steps; 0 never.", "train")
     save_total_limit: int | None = option(
@@ -341,6 +351,56 @@ class DPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Keys only DPO reads: `dpokit sft` refuses them rather than ignore them.
+NOT_FOR_SFT = ("prefix_sharing", "max_prompt_length")
+# Where SFT's defaults differ from DPO's (TRL's SFTConfig also trains at 2e-5).
+SFT_DEFAULTS: dict[str, Any] = {"output_dir": "runs/sft", "learning_rate": 2e-5}
+
+
+@dataclass
+class SFTConfig(DPOConfig):
+    """Everything `dpokit sft` needs: the shared keys of `DPOConfig` (model, data, train, LoRA, speed) and the SFT
+    keys below. Build it with `load_sft_config`, which refuses DPO-only keys and applies `SFT_DEFAULTS`."""
+
+    # --- sft (dpokit sft only) ---------------------------------------------------------------------------------
+    sft_on: str | None = option(
+        None,
+        "Train on preference data: `chosen` reads `train_data` as pairs (any layout `dpokit train` takes) and "
+        "fine-tunes on prompt + chosen response. Empty: the rows are SFT examples (messages, ShareGPT "
+        "conversations, prompt/completion, Alpaca instruction/input/output, or text).",
+        "sft",
+        choices=("chosen",),
+    )
+    completion_only_loss: bool | None = option(
+        None,
+        "Loss only on the completion of prompt/completion examples (Alpaca outputs and `sft_on: chosen` responses "
+        "count as completions). Empty, TRL's default: true for prompt/completion data, whole sequence otherwise.",
+        "sft",
+    )
+    assistant_only_loss: bool = option(
+        False,
+        "Loss only on the assistant turns of conversational examples (TRL's default is false: every token). The "
+        "turns are found by rendering the conversation one message at a time, so any chat template works.",
+        "sft",
+    )
+    packing: bool = option(
+        False,
+        "Pack several examples into each training row of up to `max_length` tokens (best-fit decreasing, as TRL's "
+        "`bfd`); each example attends only to itself. A batch then counts rows, not examples.",
+        "sft",
+    )
+    dataset_text_field: str = option("text", "Column of plain-text examples (language modelling on all tokens).", "sft")
+
+    def __post_init__(self) -> None:
+        validate(self)
+        validate_sft(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The keys an SFT run reads: DPO-only keys are left out."""
+        unused = set(NOT_FOR_SFT) | {f.name for f in keys() if f.metadata["group"] == "dpo"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
 
 
 # --- conversion of raw values to declared types ---------------------------------------------------------------------
@@ -502,6 +562,43 @@ def load_config(
     return build(values)
 
 
+def load_sft_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> SFTConfig:
+    """`load_config` for `dpokit sft`: SFT's defaults, then the YAML file, then overrides; DPO-only keys refused."""
+    values = read_yaml(path) if path is not None else {}
+    values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides or []))
+    types_ = typing.get_type_hints(SFTConfig)
+    dpo_only = set(NOT_FOR_SFT) | {f.name for f in keys() if f.metadata["group"] == "dpo"}
+    converted = dict(SFT_DEFAULTS)
+    for key, value in values.items():
+        if key in dpo_only:
+            raise UserError(f"config key `{key}` is a DPO setting that dpokit sft does not use; remove it")
+        if key not in types_:
+            close = difflib.get_close_matches(key, [k for k in types_ if k not in dpo_only], n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise UserError(f"unknown config key `{key}`{hint}; `dpokit config` lists every key")
+        converted[key] = _coerce(key, value, types_[key])
+    return SFTConfig(**converted)
+
+
+def validate_sft(cfg: SFTConfig) -> None:
+    """The SFT keys' own checks (the shared keys went through `validate`)."""
+    types_ = typing.get_type_hints(SFTConfig)
+    for f in dataclasses.fields(SFTConfig):
+        if f.metadata["group"] == "sft":
+            _coerce(f.name, getattr(cfg, f.name), types_[f.name])
+    if cfg.sft_on is not None and cfg.sft_on != "chosen":
+        raise UserError(f"config key `sft_on` = {cfg.sft_on!r}: must be chosen, or empty for SFT examples")
+    if cfg.packing and cfg.max_length is None:
+        raise UserError("config key `packing` = True: packing fills rows of max_length tokens; set max_length")
+    if not cfg.dataset_text_field.strip():
+        raise UserError("config key `dataset_text_field` is empty: name the column of plain-text examples")
+    if cfg.sft_on is None and (cfg.data_format != "auto" or cfg.columns is not None):
+        key = "data_format" if cfg.data_format != "auto" else "columns"
+        raise UserError(f"config key `{key}` names a preference-pair layout; it needs sft_on=chosen")
+
+
 def save_config(cfg: DPOConfig, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
@@ -559,6 +656,11 @@ def validate(cfg: DPOConfig) -> None:
         "must be at least 1",
     )
     need(bool(cfg.lora_target_modules), "lora_target_modules", "must name at least one module, or all-linear")
+    need(
+        set(cfg.report_to) <= set(REPORT_TO) and ("none" not in cfg.report_to or cfg.report_to == ["none"]),
+        "report_to",
+        f"must be a list of {', '.join(REPORT_TO[:-1])}, or none",
+    )
     need(bool(cfg.model_name_or_path.strip()), "model_name_or_path", "must name a model")
     need(bool(cfg.output_dir.strip()), "output_dir", "must name a folder")
     need(not (cfg.resume and cfg.resume_from), "resume", "set either resume=true or resume_from=PATH, not both")
@@ -630,8 +732,8 @@ def describe() -> str:
     """Every key with its default and meaning, grouped, for `dpokit config`."""
     lines: list[str] = []
     group = None
-    types_ = _field_types()
-    for f in keys():
+    types_ = typing.get_type_hints(SFTConfig)
+    for f in dataclasses.fields(SFTConfig):  # every shared and DPO key, then the SFT ones
         if f.metadata["group"] != group:
             group = f.metadata["group"]
             lines.append(f"\n# {group}")

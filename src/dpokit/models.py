@@ -166,11 +166,10 @@ def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_cod
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template:
-        template_path = Path(chat_template)
-        if len(chat_template) < 4096 and template_path.is_file():
-            chat_template = template_path.read_text(encoding="utf-8")
-        elif "{%" not in chat_template and "{{" not in chat_template:
-            raise UserError(f"chat_template `{chat_template}` is neither a file nor a Jinja template")
+        if "{%" not in chat_template and "{{" not in chat_template:  # a path (a template text may be no file name)
+            if not Path(chat_template).is_file():
+                raise UserError(f"chat_template `{chat_template}` is neither a file nor a Jinja template")
+            chat_template = Path(chat_template).read_text(encoding="utf-8")
         tokenizer.chat_template = chat_template
     elif not getattr(tokenizer, "chat_template", None):
         log.warning("model `%s` has no chat template; using ChatML", name)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from dpokit import attention, devices
+from dpokit import attention, devices, trackers
 from dpokit import checkpoint as ckpt
 from dpokit.config import DPOConfig, load_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
@@ -278,11 +278,11 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         # `Schedule` counts global steps: one scheduler step per optimizer step with any number of processes
         # (stepped with the optimizer, accelerate would step it once per process, for per-process data loaders)
         step_scheduler_with_optimizer=False,
-        log_with="tensorboard",
         project_dir=cfg.output_dir,
     )
     check_sharding(acc)
     devices.prepare(acc.device)
+    trackers.check_installed(cfg)
     if not acc.is_main_process:
         logging.getLogger("dpokit").setLevel(logging.WARNING)  # the main process reports for all
     out = Path(cfg.output_dir)
@@ -345,13 +345,12 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         write_json(out / "data_stats.json", {"train": train_stats, "eval": eval_stats})
         print_header(run, model)
-    acc.init_trackers("tensorboard")
+    trackers.start(acc, cfg)
     try:
         with stop_signals() as stop:
             loop(run, state, stop)
     finally:
-        for tracker in acc.trackers:
-            tracker.finish()
+        trackers.finish(acc)
     return finish(run, state)
 
 
@@ -511,7 +510,7 @@ def stop_everywhere(acc: Any, stop: StopRequest) -> bool:
 
 
 def log_row(run: Run, row: dict[str, Any]) -> None:
-    """A line in metrics.jsonl, TensorBoard scalars, and one compact console line; main process only."""
+    """A line in metrics.jsonl, the trackers' scalars, and one compact console line; main process only."""
     run.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
     if not run.acc.is_main_process:
         return

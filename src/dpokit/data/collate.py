@@ -66,8 +66,9 @@ class Batch:
 
 
 @dataclass
-class _Segment:
-    """Tokens of one attention island: a prompt followed by one response, or by both (shared)."""
+class TokenSegment:
+    """Tokens of one attention island: a prompt followed by one response, or by both (shared); for SFT, one
+    example."""
 
     ids: list[int]
     positions: list[int]
@@ -76,7 +77,7 @@ class _Segment:
     prefix: int  # the prompt's length
 
 
-def _segments(pairs: Sequence[EncodedPair], shared: bool) -> list[_Segment]:
+def _segments(pairs: Sequence[EncodedPair], shared: bool) -> list[TokenSegment]:
     b = len(pairs)
     segments = []
     for i, pair in enumerate(pairs):
@@ -90,16 +91,16 @@ def _segments(pairs: Sequence[EncodedPair], shared: bool) -> list[_Segment]:
                 targets += [(p - 1 if j == 0 else start + j - 1, tok, seq) for j, tok in enumerate(response)]
                 ids += response
                 positions += range(p, p + len(response))
-            segments.append(_Segment(ids, positions, targets, head=p + len(pair.chosen_ids), prefix=p))
+            segments.append(TokenSegment(ids, positions, targets, head=p + len(pair.chosen_ids), prefix=p))
         else:
             for response, seq in responses:
                 targets = [(p - 1 + j, tok, seq) for j, tok in enumerate(response)]
                 n = p + len(response)
-                segments.append(_Segment(prompt + response, list(range(n)), targets, head=n, prefix=p))
+                segments.append(TokenSegment(prompt + response, list(range(n)), targets, head=n, prefix=p))
     return segments
 
 
-def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     """First-fit decreasing: segment indices grouped into rows of at most `capacity` tokens."""
     rows: list[list[int]] = []
     room: list[int] = []
@@ -132,9 +133,18 @@ def collate(
     segments = _segments(pairs, shared=prefix_sharing)
     lengths = [len(s.ids) for s in segments]
     if padding_free:
-        rows = [list(range(len(segments)))] if one_row else _pack(lengths, max(lengths))
+        rows = [list(range(len(segments)))] if one_row else pack(lengths, max(lengths))
     else:
         rows = [[i] for i in range(len(segments))]
+    return lay_out(segments, rows, pad_token_id, len(pairs), with_segments=padding_free or prefix_sharing)
+
+
+def lay_out(
+    segments: Sequence[TokenSegment], rows: list[list[int]], pad_token_id: int, num_pairs: int, with_segments: bool
+) -> Batch:
+    """`segments` placed in rows (`rows[r]` lists the segments of row r, in order), right-padded to the longest;
+    `with_segments` keeps their attention islands for the model (needed when a row holds more than one)."""
+    lengths = [len(s.ids) for s in segments]
     width = max(sum(lengths[i] for i in row) for row in rows)
     n_rows = len(rows)
     input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
@@ -155,7 +165,6 @@ def collate(
                 target_ids.append(tok)
                 target_seq.append(seq)
             offset += n
-    plain = not padding_free and not prefix_sharing
     return Batch(
         input_ids,
         position_ids,
@@ -163,7 +172,7 @@ def collate(
         torch.tensor(target_index, dtype=torch.long),
         torch.tensor(target_ids, dtype=torch.long),
         torch.tensor(target_seq, dtype=torch.long),
-        len(pairs),
+        num_pairs,
         sum(lengths),
-        None if plain else tuple(islands),
+        tuple(islands) if with_segments else None,
     )

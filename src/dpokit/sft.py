@@ -1,0 +1,400 @@
+"""The SFT recipe: config in, fine-tuned adapter (or model) out; the usual first stage before `dpokit train`.
+
+It runs on DPO's engine and reads top to bottom like `train.py`, whose pieces it imports: the same accelerate
+set-up, data order (`Schedule`, a pure function of seed and step, so resume is exact), policy loading (LoRA, and
+whatever `load_policy` adds), per-sequence log-probs through the same layouts (an example is a pair's chosen side
+with no rejected one), checkpoints and trackers. Only the loss differs: TRL's, the negative log-likelihood of the
+trained tokens averaged over every trained token of the optimizer step, however the step is split into processes
+and accumulation passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit import checkpoint as ckpt
+from dpokit import trackers
+from dpokit.config import SFTConfig, load_sft_config
+from dpokit.console import StopRequest, make_console, progress, stop_signals
+from dpokit.data.collate import Batch
+from dpokit.data.sft import SFTData, collate_examples, load_sft_data, pack_examples
+from dpokit.distributed import needs_cpu_backend
+from dpokit.errors import RunStopped, UserError
+from dpokit.logprobs import SequenceLogps
+from dpokit.models import count_parameters, load_tokenizer
+from dpokit.train import (
+    MetricWindow,
+    Schedule,
+    TrainState,
+    check_sharding,
+    load_policy,
+    make_scheduler,
+    peak_memory_mb,
+    precision,
+    resume,
+    save,
+    shard,
+    stop_everywhere,
+    write_json,
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dpokit sft [CONFIG.yaml] [key=value ...]`."""
+    from dpokit.cli import split_settings
+
+    path, overrides = split_settings(args.settings)
+    try:
+        sft(load_sft_config(path, overrides))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSet:
+    """Examples and the training samples made of them: one example each, or packed rows of several."""
+
+    data: SFTData
+    samples: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def tokens(self, sample: int) -> int:
+        return sum(self.data.examples[i].num_tokens for i in self.samples[sample])
+
+    def trained_tokens(self, sample: int) -> int:
+        return sum(self.data.examples[i].trained_tokens for i in self.samples[sample])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.data.fingerprint().encode())
+        digest.update(json.dumps(self.samples).encode())
+        return digest.hexdigest()
+
+
+def load_split(cfg: SFTConfig, tokenizer: Any, which: str, console: Any) -> tuple[TrainingSet, dict[str, Any]]:
+    """`train_data` or `eval_data` as training samples, with its length statistics (printed as warnings too)."""
+    source = cfg.train_data if which == "train" else cfg.eval_data
+    if source is None:
+        raise UserError("config key `train_data` is not set: name a file of SFT examples, e.g. train_data=chat.jsonl")
+    split, data_config = (
+        (cfg.train_split, cfg.train_data_config) if which == "train" else (cfg.eval_split, cfg.eval_data_config)
+    )
+    data, stats = load_sft_data(cfg, tokenizer, source, split, data_config)
+    if not data.examples:
+        raise UserError(f"{source}: no example has a trained token within max_length ({data.counts}); raise max_length")
+    samples = pack_examples(data, cfg.max_length) if cfg.packing else [[i] for i in range(len(data))]
+    effects = "".join(f"; {n} {what}" for what, n in data.counts.items() if n)
+    tokens = stats["tokens"]["total"]
+    console.print(
+        f"{which} data: {len(data)} examples ({data.layout}) in {len(samples)} samples; tokens p50 {tokens['p50']}, "
+        f"p95 {tokens['p95']}, max {tokens['max']}{effects}"
+    )
+    for warning in stats["warnings"]:
+        console.print(f"{which} data warning: {warning}")
+    return TrainingSet(data, samples), stats
+
+
+def passes(
+    cfg: SFTConfig, data: TrainingSet, indices: list[int], size: int, rank: int, num_processes: int
+) -> list[tuple[list[int], list[float]]]:
+    """This process's forward passes (sample indices, weights) over `indices`, similar lengths together."""
+    mine, weights = shard(indices, rank, num_processes)
+    order = sorted(range(len(mine)), key=lambda i: -data.tokens(mine[i])) if cfg.group_by_length else range(len(mine))
+    order = list(order)
+    return [
+        ([mine[i] for i in order[s : s + size]], [weights[i] for i in order[s : s + size]])
+        for s in range(0, len(order), size)
+    ]
+
+
+def make_batch(cfg: SFTConfig, pad_id: int, data: TrainingSet, samples: Sequence[int], device: torch.device) -> Batch:
+    examples = [i for s in samples for i in data.samples[s]]
+    owner = [k for k, s in enumerate(samples) for _ in data.samples[s]]
+    layout = {"padding_free": cfg.padding_free, "one_row": cfg.segment_attention}
+    return collate_examples([data.data.examples[i] for i in examples], owner, pad_id, **layout).to(device)
+
+
+def example_weights(data: TrainingSet, samples: Sequence[int], weights: Sequence[float]) -> list[float]:
+    """The weight of each example of `make_batch`'s batch: its sample's."""
+    return [w for s, w in zip(samples, weights, strict=True) for _ in data.samples[s]]
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything the step loop needs; `train.save` and `train.resume` read the same fields as on DPO's run."""
+
+    cfg: SFTConfig
+    acc: Any
+    policy: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_set: TrainingSet
+    eval_set: TrainingSet | None
+    schedule: Schedule
+    tokenizer: Any
+    console: Any
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    def batch(self, data: TrainingSet, samples: Sequence[int]) -> Batch:
+        return make_batch(self.cfg, self.tokenizer.pad_token_id, data, samples, self.acc.device)
+
+    def unwrapped_model(self) -> Any:
+        return self.acc.unwrap_model(self.policy).model
+
+
+def sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Run SFT as configured; returns the summary also written to `summary.json`."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    AcceleratorState._reset_state()
+    acc = Accelerator(
+        mixed_precision=precision(cfg),
+        cpu=needs_cpu_backend(),
+        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, as in train.py
+        project_dir=cfg.output_dir,
+    )
+    check_sharding(acc)
+    trackers.check_installed(cfg)
+    out = Path(cfg.output_dir)
+    resume_from = ckpt.prepare_output_dir(
+        out,
+        resume=cfg.resume,
+        resume_from=cfg.resume_from,
+        overwrite=cfg.overwrite_output_dir,
+        is_main=acc.is_main_process,
+    )
+    acc.wait_for_everyone()
+    set_seed(cfg.seed)
+    console = make_console(acc.is_main_process)
+
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
+    train_set, train_stats = load_split(cfg, tokenizer, "train", console)
+    eval_set, eval_stats = load_split(cfg, tokenizer, "eval", console) if cfg.eval_data else (None, None)
+
+    model = load_policy(cfg, acc.device)
+    policy = SequenceLogps(model, cfg.logits_chunk_size)
+    schedule = Schedule.from_config(cfg, len(train_set), acc.num_processes)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.weight_decay
+    )
+    scheduler = make_scheduler(cfg, optimizer, schedule.total_steps)
+    policy, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
+    run = Run(cfg, acc, policy, optimizer, scheduler, train_set, eval_set, schedule, tokenizer, console)
+
+    state = resume(run, resume_from) if resume_from is not None else TrainState()
+    if acc.is_main_process:
+        (out / "config.yaml").write_text(yaml_dump(cfg), encoding="utf-8")
+        write_json(out / "data_stats.json", {"train": train_stats, "eval": eval_stats})
+        print_header(run, model)
+    trackers.start(acc, cfg)
+    try:
+        with stop_signals() as stop:
+            loop(run, state, stop)
+    finally:
+        trackers.finish(acc)
+    return finish(run, state)
+
+
+def yaml_dump(cfg: SFTConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def new_window() -> MetricWindow:
+    return MetricWindow(sums={"loss": 0.0})  # `pairs` counts trained tokens here: the loss is a token mean
+
+
+def loop(run: Run, state: TrainState, stop: StopRequest) -> None:
+    """Optimizer steps from `state.step` to the end, with logging, evaluation, checkpoints and clean stops."""
+    cfg, acc, schedule = run.cfg, run.acc, run.schedule
+    window = MetricWindow(**state.window) if state.window else new_window()
+    with progress(run.console, schedule.total_steps, state.step, "fine-tuning", "steps") as update:
+        while state.step < schedule.total_steps:
+            started = time.perf_counter()
+            before = MetricWindow(dict(window.sums), window.pairs, window.steps)
+            stats = sft_step(run, state.step, window)
+            if math.isfinite(stats["grad_norm"]) and math.isfinite(stats["loss"]):
+                run.optimizer.step()
+                window.steps += 1
+                state.nonfinite_in_a_row = 0
+            else:  # a NaN or inf reaches neither the weights nor the logged averages
+                window = before
+                state.skipped_steps += 1
+                state.nonfinite_in_a_row += 1
+                run.console.print(f"step {state.step + 1}: loss or gradient is not finite; step skipped")
+            run.optimizer.zero_grad(set_to_none=True)
+            learning_rate = run.scheduler.get_last_lr()[0]
+            run.scheduler.step()
+            state.step += 1
+            state.runtime += time.perf_counter() - started
+            state.pairs += stats["samples"]
+            state.tokens += stats["tokens"]
+            update(state.step, f"{state.tokens / state.runtime:.0f} tokens/s")
+
+            step, last = state.step, state.step == schedule.total_steps
+            if (step % cfg.logging_steps == 0 or last) and window.steps:
+                row = {"step": step, "epoch": schedule.epoch(step), **window.means(acc), "learning_rate": learning_rate}
+                timing = {"num_tokens": state.tokens, "train_seconds": round(state.runtime, 3)}
+                log_row(run, {**row, "grad_norm": stats["grad_norm"], **timing})
+                window = new_window()
+            if run.eval_set is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last):
+                log_row(run, {"step": step, "epoch": schedule.epoch(step), **evaluate(run)})
+            state.window = asdict(window)
+            if state.nonfinite_in_a_row > cfg.max_nonfinite_steps:
+                path = save(run, state)
+                raise RunStopped(
+                    f"fine-tuning stopped: the loss or gradient was NaN/inf for {state.nonfinite_in_a_row} steps in a "
+                    f"row (up to step {step}); the last good weights are in {path}; lower learning_rate or check the "
+                    "data, then continue with resume=true"
+                )
+            if cfg.save_steps and step % cfg.save_steps == 0 and not last:
+                save(run, state)
+            if stop_everywhere(acc, stop):
+                path = save(run, state)
+                raise RunStopped(
+                    f"stopped by {stop.signal_name} after step {step}; checkpoint saved in {path}; continue with "
+                    "the same command and resume=true",
+                    exit_code=128 + stop.signum,
+                )
+
+
+def sft_step(run: Run, step: int, window: MetricWindow) -> dict[str, float]:
+    """Forward and backward over global batch `step`: the summed NLL of its trained tokens over their number."""
+    acc, cfg, data = run.acc, run.cfg, run.train_set
+    indices = run.schedule.indices(step)
+    trained = sum(data.trained_tokens(i) for i in indices)  # of the whole global batch, known without a sync
+    scale = acc.num_processes / trained  # DDP averages gradients over processes; the loss is a global token mean
+    my_passes = passes(cfg, data, indices, cfg.per_device_train_batch_size, acc.process_index, acc.num_processes)
+    nll_sum, samples, tokens = 0.0, 0.0, 0
+    for k, (idx, w) in enumerate(my_passes):
+        batch = run.batch(data, idx)
+        w_t = torch.tensor(example_weights(data, idx, w), device=acc.device)
+        with nullcontext() if k == len(my_passes) - 1 else acc.no_sync(run.policy):
+            logps = run.policy(batch)
+            nll = -logps.chosen  # (E,) summed over each example's trained tokens
+            acc.backward((nll * w_t).sum() * scale)
+        counts = logps.chosen_lengths.to(w_t.dtype)
+        window.add({"loss": nll / counts}, counts * w_t)  # token-weighted: the window's mean is a token mean
+        nll_sum += float((nll.detach() * w_t).sum())
+        samples += sum(w)
+        tokens += sum(data.tokens(i) for i, weight in zip(idx, w, strict=True) if weight)
+    params = [p for p in run.policy.parameters() if p.requires_grad]
+    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    local = torch.tensor([nll_sum, samples, tokens], dtype=torch.float64, device=acc.device)
+    nll_total, samples, tokens_total = acc.reduce(local, "sum").tolist()
+    return {"grad_norm": float(grad_norm), "loss": nll_total / trained, "samples": samples, "tokens": tokens_total}
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """The token-mean NLL over every eval example, sharded across processes."""
+    assert run.eval_set is not None
+    acc, data = run.acc, run.eval_set
+    policy = acc.unwrap_model(run.policy).eval()
+    window = new_window()
+    everything = list(range(len(data)))
+    for idx, w in passes(
+        run.cfg, data, everything, run.cfg.per_device_eval_batch_size, acc.process_index, acc.num_processes
+    ):
+        with acc.autocast():
+            logps = policy(run.batch(data, idx))
+        counts = logps.chosen_lengths.to(torch.float32)
+        window.add(
+            {"loss": -logps.chosen / counts}, counts * torch.tensor(example_weights(data, idx, w), device=acc.device)
+        )
+    policy.train()
+    return {f"eval/{key}": value for key, value in window.means(acc).items()}
+
+
+def log_row(run: Run, row: dict[str, Any]) -> None:
+    """A line in metrics.jsonl, the trackers' scalars, and one compact console line; main process only."""
+    run.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+    if not run.acc.is_main_process:
+        return
+    with (run.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    parts = [f"step {row['step']}/{run.schedule.total_steps}"]
+    parts += [f"eval loss {row['eval/loss']:.4f}"] if "eval/loss" in row else [f"loss {row['loss']:.4f}"]
+    if "learning_rate" in row:
+        parts += [f"lr {row['learning_rate']:.2e}", f"grad {row['grad_norm']:.3f}"]
+    run.console.print("  ".join(parts))
+
+
+def finish(run: Run, state: TrainState) -> dict[str, Any]:
+    """Save the adapter (or full model) with its tokenizer, and summary.json."""
+    acc = run.acc
+    metrics = run.output_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()] if metrics.is_file() else []
+    summary = {
+        "stage": "sft",
+        "steps": state.step,
+        "epochs": run.schedule.epoch(state.step),
+        "runtime_seconds": round(state.runtime, 2),
+        "train_samples_per_second": round(state.pairs / max(state.runtime, 1e-9), 3),
+        "train_tokens_per_second": round(state.tokens / max(state.runtime, 1e-9), 1),
+        "peak_memory_mb": round(peak_memory_mb(acc.device), 1),
+        "skipped_steps": state.skipped_steps,
+        "processes": acc.num_processes,
+        "global_batch_size": run.schedule.global_batch,
+        "train_examples": len(run.train_set.data),
+        "train_samples": len(run.train_set),
+        "final": next((r for r in reversed(rows) if "loss" in r), {}),
+        "final_eval": next((r for r in reversed(rows) if "eval/loss" in r), {}),
+    }
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        target = run.output_dir / ("adapter" if run.cfg.use_peft else "model")
+        run.unwrapped_model().save_pretrained(str(target), safe_serialization=True)
+        run.tokenizer.save_pretrained(str(target))
+        write_json(target / "dpokit.json", {"base_model": run.cfg.model_name_or_path, "stage": "sft"})
+        summary["output"] = str(target)
+        write_json(run.output_dir / "summary.json", summary)
+        run.console.print(f"done: {state.step} steps in {state.runtime:.0f}s, saved {target}")
+    acc.wait_for_everyone()
+    return summary
+
+
+def print_header(run: Run, model: Any) -> None:
+    """The resolved settings that matter most and the trainable-parameter count, before the first step."""
+    cfg, acc, schedule = run.cfg, run.acc, run.schedule
+    trainable, total = count_parameters(model)
+    method = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}" if cfg.use_peft else "full fine-tuning"
+    run.console.print(
+        f"model {cfg.model_name_or_path}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%), {method}; precision {acc.mixed_precision}, device {acc.device}"
+    )
+    examples = run.train_set.data.examples
+    share = sum(ex.trained_tokens for ex in examples) / max(sum(ex.num_tokens for ex in examples), 1)
+    run.console.print(
+        f"{schedule.total_steps} steps x {schedule.global_batch} samples ({cfg.per_device_train_batch_size} per "
+        f"device x {cfg.gradient_accumulation_steps} accumulation x {acc.num_processes} processes); loss on "
+        f"{share:.0%} of the tokens, packing {cfg.packing}, learning rate {cfg.learning_rate} "
+        f"({cfg.lr_scheduler_type}); config: {run.output_dir / 'config.yaml'}"
+    )
