@@ -613,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `--debug` is accepted anywhere on the line, not only before the command
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if argv[:1] in (["train"], ["config"]) and not {"-h", "--help"} & set(argv[1:]):
+    if argv[:1] in (["train"], ["sft"], ["config"]) and not {"-h", "--help"} & set(argv[1:]):
         # settings may be TRL-style flags (`--beta 0.1`), which argparse would take for its own options
         args = parser.parse_args(argv[:1])
         args.settings = argv[1:]

@@ -493,8 +493,8 @@ def _field_types() -> dict[str, Any]:
 
 
 def field_types() -> dict[str, Any]:
-    """Every key's declared type."""
-    return _field_types()
+    """Every key's declared type, `dpokit sft`'s own keys included (for reading TRL-style flags)."""
+    return typing.get_type_hints(SFTConfig)
 
 
 def keys() -> list[dataclasses.Field]:
