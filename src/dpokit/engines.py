@@ -260,6 +260,14 @@ def backward(acc: Any, engine: Engine, policy: Any, loss: torch.Tensor, last: bo
         acc.backward(loss)
         return
     policy.set_gradient_accumulation_boundary(last)
+    head = acc.unwrap_model(policy)._causal_lm().get_output_embeddings().weight
+    if engine.zero_stage == 3 and head.requires_grad:
+        import deepspeed
+
+        # the head's backward reads the weight it saved in forward, which ZeRO-3 has released by then
+        with deepspeed.zero.GatheredParameters([head]):
+            policy.backward(loss, scale_wrt_gas=False)
+        return
     policy.backward(loss, scale_wrt_gas=False)
 
 
@@ -406,9 +414,11 @@ def load_optimizer_state(acc: Any, engine: Engine, policy: Any, optimizer: Any, 
     if not saved["state"]:
         return
     step = next(iter(saved["state"].values()))["step"]
-    for g in inner.param_groups:  # AdamW's state for DeepSpeed's flat shards, filled in below
-        for flat in g["params"]:
-            inner.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_STATE}}
+    zero = getattr(optimizer, "optimizer", optimizer)
+    # AdamW's state for DeepSpeed's flat fp32 shards (ZeRO-1/2 and ZeRO-3 name them differently), filled in below
+    flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
+    for flat in flats:
+        inner.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_STATE}}
     for i, (_, p) in enumerate(trainable_named(acc, policy)):
         for key in ADAM_STATE:
             value = saved["state"][i][key]
