@@ -368,6 +368,7 @@ TWO_PROCESS_SCRIPT = """
 import sys
 from pathlib import Path
 
+from dpokit.distributed import close_process_group
 from dpokit.evaluate import Contestant, compare_models
 from dpokit.inference import load_questions
 from test_compare import SETTINGS, LengthJudge
@@ -375,10 +376,12 @@ from test_compare import SETTINGS, LengthJudge
 base, adapter, prompts, output = sys.argv[1:5]
 sides = Contestant(base, None, "base"), Contestant(None, adapter, "aligned")
 compare_models(*sides, load_questions(prompts), LengthJudge(), SETTINGS, Path(output), bf16=False)
+close_process_group()  # compare_models leaves the group to its caller, this script
 """
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_give_the_one_process_result(models: tuple[Path, Path], tmp_path: Path) -> None:
     """Under torchrun each process answers and judges its share; the files come out whole and in order."""
     import os

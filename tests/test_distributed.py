@@ -52,7 +52,7 @@ sys.exit(main(["train", *last]))  # the command, which closes the group of proce
 HELPER_DRIVER = """
 import json, sys
 from pathlib import Path
-from dpokit.distributed import gather_in_order, process_state, split_for_process
+from dpokit.distributed import close_process_group, gather_in_order, process_state, split_for_process
 
 state = process_state()
 found = {}
@@ -63,6 +63,7 @@ for n in (0, 1, 5, 6):
     found[n] = {"mine": mine, "start": start, "merged": gather_in_order(answers, state)}
 record = {"rank": state.process_index, "processes": state.num_processes, "found": found}
 Path(sys.argv[1], f"rank-{state.process_index}.json").write_text(json.dumps(record))
+close_process_group()  # the script created the group: gloo's threads must not outlive the interpreter
 """
 
 
@@ -307,3 +308,34 @@ def test_sharded_training_is_refused_before_any_work(kind: str) -> None:
     with pytest.raises(UserError, match=f"configured for {kind}, which dpokit train does not support yet"):
         check_sharding(SimpleNamespace(distributed_type=DistributedType(kind)))
     check_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+
+
+def _single_process_group(store_file: Path) -> None:
+    store = torch.distributed.FileStore(str(store_file), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+
+def test_a_command_closes_the_group_it_opened(tmp_path: Path) -> None:
+    from dpokit.distributed import owned_process_group
+
+    with owned_process_group():
+        _single_process_group(tmp_path / "store")
+        assert torch.distributed.is_initialized()
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(RuntimeError, match="boom"), owned_process_group():  # an error on the way out closes it too
+        _single_process_group(tmp_path / "store-2")
+        raise RuntimeError("boom")
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_group_open_before_belongs_to_its_creator(tmp_path: Path) -> None:
+    from dpokit.distributed import close_process_group, owned_process_group
+
+    _single_process_group(tmp_path / "store")
+    try:
+        with owned_process_group():
+            pass
+        assert torch.distributed.is_initialized()  # a notebook's group outlives the command it ran
+    finally:
+        close_process_group()
+    assert not torch.distributed.is_initialized()

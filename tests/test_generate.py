@@ -385,6 +385,7 @@ def test_bad_inputs_exit_2_with_one_line(
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_write_what_one_process_writes(
     tiny_model: Path, judge_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

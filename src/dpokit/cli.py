@@ -548,8 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_target(args: argparse.Namespace) -> int:
+    from dpokit.distributed import owned_process_group
+
     module_name, func_name = args.target.split(":")
-    return int(getattr(importlib.import_module(module_name), func_name)(args) or 0)
+    with owned_process_group():  # a command run under torchrun or accelerate closes the group it opened
+        return int(getattr(importlib.import_module(module_name), func_name)(args) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,12 +13,19 @@ processes, and only the main process writes it:
     results = gather_in_order(local, state)
     if state.is_main_process:
         write(results)
+
+The group of processes belongs to whoever created it. Each `dpokit` command runs inside `owned_process_group`,
+which tears down the group the command created before the process exits (gloo's threads still alive at
+interpreter exit abort the process). The library functions here never destroy a group: a notebook or a script
+that calls them and started the group itself closes it with `close_process_group()`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -86,3 +93,26 @@ def gather_in_order(local_results: Sequence[T], state: Any | None = None) -> lis
     if state.num_processes == 1:
         return list(local_results)
     return list(gather_object(list(local_results)))
+
+
+def _group_is_open() -> bool:
+    torch = sys.modules.get("torch")  # a process that never loaded torch has no group to close
+    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def close_process_group() -> None:
+    """Tear down this process's default group of processes, if one is open."""
+    if _group_is_open():
+        sys.modules["torch"].distributed.destroy_process_group()
+
+
+@contextmanager
+def owned_process_group() -> Iterator[None]:
+    """Close, on the way out (errors included), a group of processes created inside the block; leave alone one
+    that was open before, since its creator owns it."""
+    opened_before = _group_is_open()
+    try:
+        yield
+    finally:
+        if not opened_before:
+            close_process_group()

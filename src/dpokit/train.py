@@ -67,12 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from dpokit.cli import split_settings
 
     path, overrides = split_settings(args.settings)
-    try:
-        train(load_config(path, overrides))
-    finally:
-        # the command owns the group of processes; `train` leaves it open, as a notebook may train again
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    train(load_config(path, overrides))  # the command closes the group of processes; `train` leaves it open
     return 0
 
 
