@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 on two CPU processes, against one process with the same global batch.
 
 One launch per engine runs every training that engine needs (starting two processes costs more than the
-trainings): LoRA with the precomputed reference on all three; full fine-tuning under ZeRO-3 (precomputed
+trainings): LoRA with the precomputed reference on all three, and with gradient accumulation under DeepSpeed;
+full fine-tuning under ZeRO-3 (precomputed
 reference) and FSDP2 (a frozen copy, sharded like the policy); and under ZeRO-3 a run continued from a
 one-process checkpoint. The one-process runs, and the runs continued on one process from the engines'
 checkpoints, run in the test process.
@@ -100,9 +101,13 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         run_train(*full_keys(m, root, root / "one" / "full", per_device=4))
     one_checkpoint = root / "one" / "lora" / "checkpoints" / "step-1"
     plans = {
-        "zero2": [lora_keys(m, root, root / "zero2" / "lora", 2)],
+        "zero2": [
+            lora_keys(m, root, root / "zero2" / "lora", 2),
+            lora_keys(m, root, root / "zero2" / "accumulated", 1, "gradient_accumulation_steps=2"),
+        ],
         "zero3": [
             lora_keys(m, root, root / "zero3" / "lora", 2),
+            lora_keys(m, root, root / "zero3" / "accumulated", 1, "gradient_accumulation_steps=2"),
             full_keys(m, root, root / "zero3" / "full", 2),
             lora_keys(m, root, root / "zero3" / "resumed", 2, f"resume_from={one_checkpoint}"),
         ],
@@ -169,6 +174,15 @@ def test_engine_checkpoint_resumes_on_one_process(
     run_train(*lora_keys(tiny_model_dir, runs, tmp_path / "resumed", 4, f"resume_from={checkpoint}"))
     assert_same_weights(adapter_weights(runs / engine / "lora"), adapter_weights(tmp_path / "resumed"))
     assert_same_rows(metrics(runs / engine / "lora")[1:], metrics(tmp_path / "resumed"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_gradient_accumulation_under_deepspeed(runs: Path, engine: str) -> None:
+    """2 processes x 1 pair x 2 passes: DeepSpeed is told which pass ends the step and does not divide the loss
+    again; the same steps as 1 process x 4 pairs."""
+    assert_same_weights(adapter_weights(runs / "one" / "lora"), adapter_weights(runs / engine / "accumulated"))
+    assert_same_rows(metrics(runs / "one" / "lora"), metrics(runs / engine / "accumulated"))
 
 
 @pytest.mark.slow

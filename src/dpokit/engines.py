@@ -371,7 +371,8 @@ def optimizer_state(acc: Any, engine: Engine, policy: Any, optimizer: Any) -> di
             if steps is None:
                 continue  # no step taken yet: AdamW creates its state at the first one
             values = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_STATE}
-            state[i] = {"step": steps.detach().cpu().clone(), **{k: v.detach().cpu() for k, v in values.items()}}
+            step = torch.as_tensor(steps, dtype=torch.float32).clone()  # DeepSpeed's CPU Adam counts in an int
+            state[i] = {"step": step, **{k: v.detach().cpu() for k, v in values.items()}}
         count = len(trainable_named(acc, policy))
         return {"state": state, "param_groups": [{**_hyper(inner), "params": list(range(count))}]}
     saved = optimizer.state_dict()
@@ -418,7 +419,8 @@ def load_optimizer_state(acc: Any, engine: Engine, policy: Any, optimizer: Any, 
     # AdamW's state for DeepSpeed's flat fp32 shards (ZeRO-1/2 and ZeRO-3 name them differently), filled in below
     flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
     for flat in flats:
-        inner.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_STATE}}
+        count = step.clone() if isinstance(inner, torch.optim.AdamW) else int(step)  # DeepSpeed's CPU Adam: an int
+        inner.state[flat] = {"step": count, **{k: torch.zeros_like(flat) for k in ADAM_STATE}}
     for i, (_, p) in enumerate(trainable_named(acc, policy)):
         for key in ADAM_STATE:
             value = saved["state"][i][key]
