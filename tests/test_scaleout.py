@@ -31,7 +31,6 @@ from safetensors.torch import load_file
 
 from conftest import conversational_rows, write_jsonl
 from test_distributed import (
-    METRICS_ABS,
     STEP_ATOL,
     assert_same_rows,
     assert_same_weights,
@@ -66,7 +65,8 @@ sys.exit(main(["train", *last]))  # the command, which closes the group of proce
 
 def lora_keys(model_dir: Path, root: Path, out: Path, per_device: int, *extra: str) -> list[str]:
     keys = [f"per_device_train_batch_size={per_device}", "max_steps=3", "save_steps=1", "warmup_ratio=0", *extra]
-    return settings(model_dir, root / "pairs.jsonl", out, *keys)
+    evaluation = [f"eval_data={root / 'eval.jsonl'}", "per_device_eval_batch_size=2"]  # 7 pairs: one pad pair
+    return settings(model_dir, root / "pairs.jsonl", out, *evaluation, *keys)
 
 
 def full_keys(model_dir: Path, root: Path, out: Path, per_device: int, *extra: str) -> list[str]:
@@ -94,6 +94,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """`root/one/*`: one process x 4 pairs; `root/<engine>/*`: two processes x 2 pairs under each engine."""
     root = tmp_path_factory.mktemp("scaleout")
     write_jsonl(root / "pairs.jsonl", conversational_rows(24))
+    write_jsonl(root / "eval.jsonl", conversational_rows(7, seed=1))
     m = tiny_model_dir
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DPOKIT_CACHE", str(root / "cache-one"))
@@ -125,7 +126,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.mark.parametrize("engine", ENGINES)
 def test_one_step_under_the_engine_equals_one_process(runs: Path, engine: str) -> None:
     """2 processes x 2 pairs under the engine and 1 process x 4 pairs: the same loss and LoRA weights after one
-    step, and the same logged values (loss, grad_norm, rewards, log-probs) at every step."""
+    step, and the same logged values (loss, grad_norm, rewards, log-probs, and the evaluation's) at every step."""
     one, two = runs / "one" / "lora", runs / engine / "lora"
     assert metrics(two)[0]["loss"] == pytest.approx(metrics(one)[0]["loss"], rel=1e-6)
     after_one_step = [load_file(str(run / "checkpoints" / "step-1" / "trainable.safetensors")) for run in (one, two)]
@@ -149,7 +150,8 @@ def test_engine_run_saves_one_plain_peft_adapter(runs: Path, engine: str, tiny_m
         "checkpoints/step-1/adapter/adapter_model.safetensors",
         "checkpoints/step-2/adapter/adapter_model.safetensors",
     ]
-    assert [r["step"] for r in metrics(two)] == [1, 2, 3]  # one row per step: only the main process writes
+    assert [r["step"] for r in metrics(two)] == [1, 2, 3, 3]  # one row per step and evaluation: only the main
+    # process writes
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch_size"] == 4
     assert_same_weights(adapter_weights(runs / "one" / "lora"), adapter_weights(two))
@@ -192,8 +194,8 @@ def test_one_process_checkpoint_resumes_under_zero3(runs: Path) -> None:
     assert_same_weights(adapter_weights(runs / "one" / "lora"), adapter_weights(runs / "zero3" / "resumed"))
     assert "resuming from" in (runs / "zero3.log").read_text()
     rows = metrics(runs / "zero3" / "resumed")
-    assert [r["step"] for r in rows] == [2, 3]  # a new output_dir: the steps after the checkpoint
-    assert rows[-1]["loss"] == pytest.approx(metrics(runs / "one" / "lora")[-1]["loss"], abs=METRICS_ABS)
+    assert [r["step"] for r in rows] == [2, 3, 3]  # a new output_dir: the steps after the checkpoint, and eval
+    assert_same_rows(metrics(runs / "one" / "lora")[1:], rows)
 
 
 @pytest.mark.slow
@@ -294,3 +296,24 @@ def test_sharded_configs_name_what_dpokit_sets() -> None:
         ds = yaml.safe_load(path.read_text())["deepspeed_config"]
         assert not {"gradient_accumulation_steps", "gradient_clipping"} & ds.keys(), path.name
     assert os.path.exists(CONFIGS / "deepspeed-zero3-offload.yaml")
+
+
+def test_deepspeed_config_takes_dpokit_keys_and_refuses_others() -> None:
+    from types import SimpleNamespace
+
+    from dpokit.config import load_config
+    from dpokit.engines import fill_deepspeed_config
+    from dpokit.errors import UserError
+
+    def accelerator(ds: dict) -> SimpleNamespace:
+        return SimpleNamespace(
+            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)), num_processes=2
+        )
+
+    cfg = load_config(None, ["per_device_train_batch_size=2", "gradient_accumulation_steps=3", "max_grad_norm=0.5"])
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "zero_optimization": {}}
+    fill_deepspeed_config(accelerator(ds), cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5 and ds["train_batch_size"] == 12  # 2 x 3 x 2 processes
+    with pytest.raises(UserError, match="sets gradient_clipping=1.0 but dpokit's config gives 0.5"):
+        fill_deepspeed_config(accelerator({"gradient_clipping": 1.0}), cfg)

@@ -297,9 +297,8 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     acc.wait_for_everyone()
     set_seed(cfg.seed)
     console = make_console(acc.is_main_process)
-    console.print(engine.describe(acc))
-    if reference_line:
-        console.print(reference_line)
+    for line in filter(None, (engine.describe(acc), reference_line)):  # what runs, before anything is loaded
+        console.print(line)
 
     # Data first: a bad row must fail in seconds, before a model is loaded.
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
@@ -314,10 +313,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
 
     schedule = Schedule.from_config(cfg, len(train_set), acc.num_processes)
     live = live_reference(cfg, policy, acc.autocast)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.weight_decay
-    )
+    optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, schedule.total_steps)
     # prepared before the reference pass: under ZeRO-3 and FSDP2 only the prepared model has whole weights to run
     policy_run, optimizer, scheduler = engines.prepare(acc, engine, cfg, policy, optimizer, scheduler)
@@ -653,6 +649,12 @@ def precision(cfg: DPOConfig) -> str:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         return "bf16" if bf16_is_fast(device) else "no"
     return "bf16" if cfg.bf16 else "no"
+
+
+def make_optimizer(cfg: DPOConfig, model: Any) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    return torch.optim.AdamW(trainable, cfg.learning_rate, betas, cfg.adam_epsilon, cfg.weight_decay)
 
 
 def make_scheduler(cfg: DPOConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
