@@ -13,6 +13,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,24 +67,28 @@ def save_checkpoint(
     output_dir: Path,
     step: int,
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     trainer_state: dict[str, Any],
     config_yaml: str,
     peft_model: Any | None = None,
 ) -> Path:
-    """Write `checkpoints/step-<step>` atomically and return its path."""
+    """Write `checkpoints/step-<step>` atomically and return its path.
+
+    `weights` are the whole trainable weights by name and `optimizer_state` is in torch's format with whole
+    tensors (`trainable_state` and `optimizer.state_dict()` on one process; the engines gather them when sharded).
+    """
     root = output_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    if peft_model is not None:
-        peft_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file({name: w.contiguous() for name, w in weights.items()}, str(tmp / "trainable.safetensors"))
+    if peft_model is not None:  # from `weights`: a sharded model's own parameters hold only a shard
+        peft_model.save_pretrained(str(tmp / "adapter"), state_dict=weights, safe_serialization=True)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -138,31 +144,34 @@ def clean_incomplete(output_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from `path`; returns the trainer state."""
+@dataclass
+class Saved:
+    """A checkpoint read back: whole weights and optimizer state for the engine to place, and the trainer state."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+
+
+def load_checkpoint(path: Path, *, trainable: Collection[str], scheduler: Any) -> Saved:
+    """Read `path`, checked against the names of the model's `trainable` weights; restores scheduler and RNG."""
     if not is_complete(path):
         raise UserError(
             f"{path} is not a complete dpokit checkpoint (no {STATE_FILE}); pick a checkpoints/step-N folder"
         )
     weights = load_file(str(path / "trainable.safetensors"))
-    trainable = dict(model.named_parameters())
     unknown = [k for k in weights if k not in trainable]
-    missing = [k for k, p in trainable.items() if p.requires_grad and k not in weights]
+    missing = [k for k in trainable if k not in weights]
     if unknown or missing:
         raise UserError(
             f"checkpoint {path} does not fit this model ({len(unknown)} unknown, {len(missing)} missing weights); "
             "resume with the model_name_or_path and LoRA settings the run started with"
         )
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            trainable[name].copy_(tensor)
     # weights_only: these files hold tensors and plain values only, and nothing else is unpickled
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    return Saved(weights, optimizer_state, json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "data_stats.json", CHECKPOINTS, "adapter", "model")

@@ -370,10 +370,9 @@ def compile_layers(model: Any) -> int:
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    """(trainable, total) parameter counts; of whole weights when DeepSpeed ZeRO-3 holds only a shard here."""
+    sizes = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
 
 
 def disable_dropout(model: Any) -> None:

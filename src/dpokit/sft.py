@@ -24,12 +24,11 @@ from typing import Any
 import torch
 
 from dpokit import checkpoint as ckpt
-from dpokit import trackers
+from dpokit import engines, trackers
 from dpokit.config import SFTConfig, load_sft_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
 from dpokit.data.collate import Batch
 from dpokit.data.sft import SFTData, collate_examples, load_sft_data, pack_examples
-from dpokit.distributed import needs_cpu_backend
 from dpokit.errors import RunStopped, UserError
 from dpokit.logprobs import SequenceLogps
 from dpokit.models import count_parameters, load_tokenizer
@@ -37,7 +36,6 @@ from dpokit.train import (
     MetricWindow,
     Schedule,
     TrainState,
-    check_sharding,
     load_policy,
     make_scheduler,
     peak_memory_mb,
@@ -153,6 +151,7 @@ class Run:
     schedule: Schedule
     tokenizer: Any
     console: Any
+    engine: engines.Engine
 
     @property
     def output_dir(self) -> Path:
@@ -167,18 +166,20 @@ class Run:
 
 def sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the summary also written to `summary.json`."""
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     AcceleratorState._reset_state()
-    acc = Accelerator(
+    acc, engine = engines.start(
         mixed_precision=precision(cfg),
-        cpu=needs_cpu_backend(),
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, as in train.py
         project_dir=cfg.output_dir,
     )
-    check_sharding(acc)
+    if engine.kind not in ("single", "ddp"):
+        raise UserError(
+            f"dpokit sft runs on one process or under DDP, and this launch asks for {engine.describe(acc)}; "
+            "launch it with configs/accelerate/multi-gpu.yaml (DeepSpeed and FSDP2 are for dpokit train)"
+        )
     trackers.check_installed(cfg)
     out = Path(cfg.output_dir)
     resume_from = ckpt.prepare_output_dir(
@@ -205,7 +206,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     )
     scheduler = make_scheduler(cfg, optimizer, schedule.total_steps)
     policy, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
-    run = Run(cfg, acc, policy, optimizer, scheduler, train_set, eval_set, schedule, tokenizer, console)
+    run = Run(cfg, acc, policy, optimizer, scheduler, train_set, eval_set, schedule, tokenizer, console, engine)
 
     state = resume(run, resume_from) if resume_from is not None else TrainState()
     if acc.is_main_process:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from dpokit import attention, devices, trackers
+from dpokit import attention, devices, engines, trackers
 from dpokit import checkpoint as ckpt
 from dpokit.config import DPOConfig, load_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
@@ -37,7 +37,6 @@ from dpokit.data.formats import Options
 from dpokit.data.inspect import dataset_stats
 from dpokit.data.load import load_pairs
 from dpokit.data.markers import template_markers
-from dpokit.distributed import needs_cpu_backend
 from dpokit.errors import RunStopped, UserError
 from dpokit.logprobs import SeqLogps, SequenceLogps
 from dpokit.losses import loss_settings, preference_loss
@@ -253,6 +252,7 @@ class Run:
     schedule: Schedule
     tokenizer: Any
     console: Any
+    engine: engines.Engine
 
     @property
     def output_dir(self) -> Path:
@@ -267,20 +267,19 @@ class Run:
 
 def train(cfg: DPOConfig) -> dict[str, Any]:
     """Run DPO as configured; returns the summary also written to `summary.json`."""
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     AcceleratorState._reset_state()  # a second train() in one process (a notebook, the tests) may change precision
-    acc = Accelerator(
+    # the engine the launcher asked for (DDP, DeepSpeed ZeRO, FSDP2), checked before any data or model is touched
+    acc, engine = engines.start(
         mixed_precision=precision(cfg),
-        cpu=needs_cpu_backend(),
         # `Schedule` counts global steps: one scheduler step per optimizer step with any number of processes
         # (stepped with the optimizer, accelerate would step it once per process, for per-process data loaders)
         step_scheduler_with_optimizer=False,
         project_dir=cfg.output_dir,
     )
-    check_sharding(acc)
+    reference_line = engines.check_reference(cfg, engine)
     devices.prepare(acc.device)
     trackers.check_installed(cfg)
     if not acc.is_main_process:
@@ -296,6 +295,8 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     acc.wait_for_everyone()
     set_seed(cfg.seed)
     console = make_console(acc.is_main_process)
+    for line in filter(None, (engine.describe(acc), reference_line)):  # what runs, before anything is loaded
+        console.print(line)
 
     # Data first: a bad row must fail in seconds, before a model is loaded.
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
@@ -310,6 +311,11 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
 
     schedule = Schedule.from_config(cfg, len(train_set), acc.num_processes)
     live = live_reference(cfg, policy, acc.autocast)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, schedule.total_steps)
+    # prepared before the reference pass: under ZeRO-3 and FSDP2 only the prepared model has whole weights to run
+    policy_run, optimizer, scheduler = engines.prepare(acc, engine, cfg, policy, optimizer, scheduler)
+    engines.shard_reference(acc, engine, live, policy)
     reference = build_reference(
         cfg, acc, live, train_set, batches_of(train_set), reference_plan(cfg, schedule, train_set, acc), console
     )
@@ -319,16 +325,10 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         eval_reference = build_reference(cfg, acc, live, eval_set, batches_of(eval_set), eval_plan, console)
     del live  # a frozen copy now lives only where a reference still runs it
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.weight_decay
-    )
-    scheduler = make_scheduler(cfg, optimizer, schedule.total_steps)
-    policy, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
     run = Run(
         cfg,
         acc,
-        policy,
+        policy_run,
         optimizer,
         scheduler,
         reference,
@@ -338,6 +338,7 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         schedule,
         tokenizer,
         console,
+        engine,
     )
 
     state = resume(run, resume_from) if resume_from is not None else TrainState()
@@ -352,18 +353,6 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     finally:
         trackers.finish(acc)
     return finish(run, state)
-
-
-def check_sharding(acc: Any) -> None:
-    """Refuse FSDP and DeepSpeed before any work: checkpoints and saved weights need whole weights on the main
-    process, and DeepSpeed steps the optimizer inside backward, past the NaN check."""
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise UserError(
-            f"accelerate is configured for {acc.distributed_type.value}, which dpokit train does not support yet; "
-            "launch with DDP (distributed_type: MULTI_GPU, e.g. configs/accelerate/multi-gpu.yaml)"
-        )
 
 
 def make_batch(
@@ -469,13 +458,13 @@ def train_step(run: Run, step: int, window: MetricWindow) -> dict[str, float]:
         with nullcontext() if last else acc.no_sync(run.policy):
             logps = run.policy(batch)
             losses, values = loss_and_metrics(cfg, logps, run.reference.logps(batch, idx))
-            acc.backward((losses * w_t).sum() * scale)
+            engines.backward(acc, run.engine, run.policy, (losses * w_t).sum() * scale, last)
         window.add(values, w_t)
         loss_sum += float((losses.detach() * w_t).sum())
         # counted as TRL counts them: each response with its own copy of the prompt, whatever the layout ran
         tokens += sum(run.train_set.pairs[i].num_tokens for i, weight in zip(idx, w, strict=True) if weight)
     params = [p for p in run.policy.parameters() if p.requires_grad]
-    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    grad_norm = engines.clip_and_norm(acc, run.engine, run.policy, params, cfg.max_grad_norm)  # DeepSpeed steps here
     pairs = sum(sum(w) for _, w in passes)
     local = torch.tensor([loss_sum, pairs, tokens], dtype=torch.float64, device=acc.device)
     loss_total, pairs, tokens_total = acc.reduce(local, "sum").tolist()
@@ -530,14 +519,17 @@ def save(run: Run, state: TrainState) -> Path:
     acc = run.acc
     path = run.output_dir / ckpt.CHECKPOINTS / f"step-{state.step}"
     acc.wait_for_everyone()
+    # whole tensors, gathered by every process when the engine shards them
+    weights = engines.whole_weights(acc, run.engine, run.policy)
+    optimizer_state = engines.optimizer_state(acc, run.engine, run.policy, run.optimizer)
     if acc.is_main_process:
         model = run.unwrapped_model()
         extra = {"global_batch": run.schedule.global_batch, "data": run.train_set.fingerprint()}
         ckpt.save_checkpoint(
             run.output_dir,
             state.step,
-            model=model,
-            optimizer=run.optimizer,
+            weights=weights,
+            optimizer_state=optimizer_state,
             scheduler=run.scheduler,
             trainer_state={**asdict(state), **extra},
             config_yaml=yaml.safe_dump(run.cfg.to_dict(), sort_keys=False),
@@ -549,7 +541,12 @@ def save(run: Run, state: TrainState) -> Path:
 
 
 def resume(run: Run, path: Path) -> TrainState:
-    saved = ckpt.load_checkpoint(path, model=run.unwrapped_model(), optimizer=run.optimizer, scheduler=run.scheduler)
+    acc, engine = run.acc, run.engine
+    names = [name for name, _ in engines.trainable_named(acc, run.policy)]
+    loaded = ckpt.load_checkpoint(path, trainable=names, scheduler=run.scheduler)
+    engines.load_weights(acc, engine, run.policy, loaded.weights)
+    engines.load_optimizer_state(acc, engine, run.policy, run.optimizer, loaded.optimizer_state)
+    saved = loaded.trainer_state
     if saved.get("global_batch") != run.schedule.global_batch:
         raise UserError(
             f"checkpoint {path} was trained with a global batch of {saved.get('global_batch')} pairs, this run has "
@@ -586,9 +583,12 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
         "final_eval": next((r for r in reversed(rows) if "eval/loss" in r), {}),
     }
     acc.wait_for_everyone()
+    # a sharded model's parameters hold only shards (and DeepSpeed's fp32 masters are in its optimizer): its whole
+    # weights are gathered first, by every process
+    whole = engines.whole_weights(acc, run.engine, run.policy, run.cfg.use_peft) if run.engine.gathers else None
     if acc.is_main_process:
         target = run.output_dir / ("adapter" if run.cfg.use_peft else "model")
-        run.unwrapped_model().save_pretrained(str(target), safe_serialization=True)
+        run.unwrapped_model().save_pretrained(str(target), state_dict=whole, safe_serialization=True)
         run.tokenizer.save_pretrained(str(target))
         write_json(target / "dpokit.json", {"base_model": run.cfg.model_name_or_path, "beta": run.cfg.beta})
         summary["output"] = str(target)
@@ -652,6 +652,12 @@ def precision(cfg: DPOConfig) -> str:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         return "bf16" if bf16_is_fast(device) else "no"
     return "bf16" if cfg.bf16 else "no"
+
+
+def make_optimizer(cfg: DPOConfig, model: Any) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    return torch.optim.AdamW(trainable, cfg.learning_rate, betas, cfg.adam_epsilon, cfg.weight_decay)
 
 
 def make_scheduler(cfg: DPOConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
