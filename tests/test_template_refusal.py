@@ -278,6 +278,30 @@ def test_train_refusals_are_bad_rows_and_merge_trains(tiny_model_dir, template_f
     assert "6 pairs to train on" in capsys.readouterr().err
 
 
+def test_sft_refusals_are_bad_rows_and_merge_trains(tiny_model_dir, template_file, tmp_path, capsys):
+    system = [{"role": "system", "content": "Be brief."}]
+    rows = [
+        {
+            "messages": [*(system if i % 3 == 0 else []), {"role": "user", "content": f"Question {i}?"}]
+            + [{"role": "assistant", "content": f"Answer number {i}."}]
+        }
+        for i in range(6)
+    ]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    base = [f"model_name_or_path={tiny_model_dir}", f"chat_template={template_file}", f"train_data={data}"]
+    base += ["bf16=false", "max_steps=1", "per_device_train_batch_size=2"]
+    assert main(["sft", *base, f"output_dir={tmp_path / 'a'}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{data}:1: the chat template refused this conversation: System role not supported (and 1 more" in err
+    side = [json.loads(line) for line in (tmp_path / "a" / "chat.rejected.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in side] == ["the chat template refused this conversation: System role not supported"] * 2
+    assert main(["sft", *base, f"output_dir={tmp_path / 'b'}", "max_bad_rows=2"]) == 0
+    assert main(["sft", *base, f"output_dir={tmp_path / 'c'}", "system_message=merge"]) == 0
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["steps"] == 1
+
+
 # --- generate, compare, vibe, chat ------------------------------------------------------------------------------------
 
 JUDGE = "def score(prompt, response):\n    return float(len(response))\n"

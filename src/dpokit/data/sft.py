@@ -17,6 +17,7 @@ dropped, and an example left with no trained token is dropped; every change is c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections import Counter
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpokit.data import BadRow, Message
+from dpokit.data.chat_template import TemplateRefused, apply_system_message, check_refusals, refused_row
 from dpokit.data.collate import Batch, TokenSegment, lay_out, pack
 from dpokit.data.encode import common_prefix_length
 from dpokit.data.formats import Options
@@ -218,7 +220,22 @@ def chosen_examples(source: str, cfg: Any) -> tuple[list[Example], str, int, lis
 
 
 def _chat_ids(tokenizer: Any, messages: list[Message], **kwargs: Any) -> dict[str, Any]:
-    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    """The rendered conversation's ids; `TemplateRefused` where the chat template raises on it."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    except jinja2.TemplateError as e:
+        raise TemplateRefused(str(e)) from e
+
+
+def with_system_policy(ex: Example, policy: str, counts: Counter[str]) -> Example:
+    """The example with its system turns kept, merged into the first user turn or dropped (`system_message`)."""
+    if ex.messages is not None:
+        return dataclasses.replace(ex, messages=apply_system_message(ex.messages, policy, counts))
+    if isinstance(ex.prompt, list):
+        return dataclasses.replace(ex, prompt=apply_system_message(ex.prompt, policy, counts))
+    return ex
 
 
 def has_generation_tags(tokenizer: Any) -> bool:
@@ -319,10 +336,28 @@ def load_sft_data(
     if cfg.assistant_only_loss and examples[0].messages is None and not isinstance(examples[0].prompt, list):
         raise UserError(f"config key `assistant_only_loss` = True: {source} ({layout}) is not conversational")
     flags = {"completion_only": cfg.completion_only_loss, "assistant_only": cfg.assistant_only_loss}
-    encoded = [encode_example(tokenizer, ex, **flags) for ex in examples]
+    system_counts: Counter[str] = Counter()
+    examples = [with_system_policy(ex, cfg.system_message, system_counts) for ex in examples]
+    encoded, refused = [], []
+    for ex in examples:
+        try:
+            encoded.append(encode_example(tokenizer, ex, **flags))
+        except TemplateRefused as e:  # a bad row like any other, counted and written to the side file
+            refused.append(refused_row(ex.origin, e, ex.messages or {"prompt": ex.prompt, "completion": ex.completion}))
+    if refused:
+        bad = [*bad, *refused]
+        examples = [ex for ex in examples if ex.origin not in {row.origin for row in refused}]
+        rejected_file = check_refusals(
+            refused,
+            bad,
+            len(examples) + len(refused),
+            source,
+            max_bad_rows=cfg.max_bad_rows,
+            rejected_dir=cfg.output_dir,
+        )
     limits = {"max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode, "length_policy": cfg.length_policy}
     kept, origins, counts = fit_lengths(encoded, [ex.origin for ex in examples], **limits)
-    data = SFTData(kept, origins, layout, counts, rows, bad, rejected_file)
+    data = SFTData(kept, origins, layout, {**counts, **system_counts}, rows, bad, rejected_file)
     return data, length_stats(source, data, encoded, **limits)
 
 
