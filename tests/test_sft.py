@@ -138,7 +138,8 @@ def test_step0_loss_matches_trl(tiny_model_dir: Path, tmp_path: Path, kind: str)
     rows = KINDS[kind](N)
     trl_loss = trl_step0_loss(trl_trainer(tiny_model_dir, rows, tmp_path))
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    run_sft(tiny_model_dir, data, tmp_path / "run", "max_steps=1", f"per_device_train_batch_size={N}")
+    trl_default = "assistant_only_loss=false"  # TRL trains every token of a conversation unless told otherwise
+    run_sft(tiny_model_dir, data, tmp_path / "run", "max_steps=1", f"per_device_train_batch_size={N}", trl_default)
     ours = metrics(tmp_path / "run")[0]["loss"]
     assert trl_loss > 1.0
     assert math.isclose(ours, trl_loss, rel_tol=1e-4), (ours, trl_loss)
@@ -359,3 +360,18 @@ def test_chosen_side_of_real_pairs(tiny_model_dir: Path, tmp_path: Path, name: s
     trained = tokenizer.decode([t for t, on in zip(ex.input_ids, ex.trained, strict=True) if on])
     chosen = first["chosen"][0]["content"] if isinstance(first["chosen"], list) else first["chosen"]
     assert trained == chosen + "<|im_end|>" + ("\n" if isinstance(first["chosen"], list) else "")
+
+
+def test_conversations_train_the_assistant_turns_by_default(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from dpokit.data.sft import load_sft_data
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = chat_rows(3)
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    for setting, expected in (([], "assistant"), (["assistant_only_loss=false"], "all")):
+        cfg = load_sft_config(None, [f"train_data={data}", f"output_dir={tmp_path / 'run'}", *setting])
+        loaded, _ = load_sft_data(cfg, tokenizer, str(data), "train", None)
+        for row, ex in zip(rows, loaded.examples, strict=True):
+            trained = tokenizer.decode([t for t, on in zip(ex.input_ids, ex.trained, strict=True) if on])
+            answers = "".join(m["content"] + "<|im_end|>\n" for m in row["messages"] if m["role"] == "assistant")
+            assert trained == (answers if expected == "assistant" else tokenizer.decode(ex.input_ids))

@@ -94,7 +94,7 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
         "sft_on=chosen, on the chosen responses of preference pairs. Same keys, outputs, checkpoints and resume "
         "as `dpokit train` (DPO-only keys are refused); `dpokit config` lists the sft keys last.\n\n"
         "examples:\n"
-        "  dpokit sft train_data=chat.jsonl assistant_only_loss=true\n"
+        "  dpokit sft train_data=chat.jsonl assistant_only_loss=false\n"
         "  dpokit sft train_data=pairs.jsonl sft_on=chosen output_dir=runs/sft\n"
         "  accelerate launch --num_processes 2 -m dpokit sft config.yaml packing=true",
     )

@@ -379,10 +379,11 @@ class SFTConfig(DPOConfig):
         "count as completions). Empty, TRL's default: true for prompt/completion data, whole sequence otherwise.",
         "sft",
     )
-    assistant_only_loss: bool = option(
-        False,
-        "Loss only on the assistant turns of conversational examples (TRL's default is false: every token). The "
-        "turns are found by rendering the conversation one message at a time, so any chat template works.",
+    assistant_only_loss: bool | None = option(
+        None,
+        "Loss only on the assistant turns of conversational examples. Empty: true for conversational data (the "
+        "model learns to answer, not to write the user's turns); `false` trains every token, as TRL's default does. "
+        "The turns are found by rendering the conversation one message at a time, so any chat template works.",
         "sft",
     )
     packing: bool = option(

@@ -333,9 +333,9 @@ def load_sft_data(
         raise UserError(f"{source}: no usable SFT examples in {rows} rows ({len(bad)} bad)")
     if cfg.completion_only_loss and examples[0].prompt is None:
         raise UserError(f"config key `completion_only_loss` = True: {source} ({layout}) has no prompt/completion rows")
-    if cfg.assistant_only_loss and examples[0].messages is None and not isinstance(examples[0].prompt, list):
+    if cfg.assistant_only_loss is True and examples[0].messages is None and not isinstance(examples[0].prompt, list):
         raise UserError(f"config key `assistant_only_loss` = True: {source} ({layout}) is not conversational")
-    flags = {"completion_only": cfg.completion_only_loss, "assistant_only": cfg.assistant_only_loss}
+    flags = {"completion_only": cfg.completion_only_loss, "assistant_only": cfg.assistant_only_loss is not False}
     system_counts: Counter[str] = Counter()
     examples = [with_system_policy(ex, cfg.system_message, system_counts) for ex in examples]
     encoded, refused = [], []
