@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from dpokit import attention
+from dpokit import attention, quantization
 from dpokit import checkpoint as ckpt
 from dpokit.config import DPOConfig, load_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
@@ -303,13 +303,14 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     acc.wait_for_everyone()
     set_seed(cfg.seed)
     console = make_console(acc.is_main_process)
+    quant = quantization.start(cfg, acc.device)  # a broken bitsandbytes install fails here, in a second
 
     # Data first: a bad row must fail in seconds, before a model is loaded.
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
     train_set, train_stats = load_split(cfg, tokenizer, "train", console)
     eval_set, eval_stats = load_split(cfg, tokenizer, "eval", console) if cfg.eval_data else (None, None)
 
-    model = load_policy(cfg, acc.device)
+    model = load_policy(cfg, acc.device, quant)
     policy = SequenceLogps(model, cfg.logits_chunk_size)
 
     def batches_of(data: EncodedDataset) -> Any:
@@ -384,11 +385,15 @@ def make_batch(
     return collate(pairs, pad_id, **layout).to(device)
 
 
-def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
-    """The model to train: LoRA on a frozen base (stored in bf16 under bf16 autocast), or every weight; dropout
-    off as TRL does by default."""
+def load_policy(cfg: DPOConfig, device: torch.device, quant: quantization.Quantization | None = None) -> Any:
+    """The model to train: LoRA on a frozen base (stored in bf16 under bf16 autocast, or quantized with `quant`),
+    or every weight; dropout off as TRL does by default."""
     model = load_model(
-        cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
+        cfg.model_name_or_path,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+        quantization=quant,
+        device=device,
     )
     model.config.use_cache = False
     if cfg.segment_attention and (cfg.padding_free or cfg.prefix_sharing) and not attention.enable(model):
@@ -398,6 +403,8 @@ def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
         )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if quant is not None:
+        model = quantization.prepare_for_training(model, cfg.gradient_checkpointing)
     if cfg.use_peft:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed)
         if precision(cfg) == "bf16":
@@ -592,6 +599,7 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
         "processes": acc.num_processes,
         "global_batch_size": run.schedule.global_batch,
         "train_pairs": len(run.train_set),
+        "quantization": quantization.summary(run.cfg, acc.device, run.unwrapped_model()),
         "final": next((r for r in reversed(rows) if "loss" in r), {}),
         "final_eval": next((r for r in reversed(rows) if "eval/loss" in r), {}),
     }
@@ -686,6 +694,7 @@ def print_header(run: Run, model: Any) -> None:
         f"model {cfg.model_name_or_path}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), {method}; precision {acc.mixed_precision}, device {acc.device}"
     )
+    run.console.print(quantization.weight_memory(model).line(quantization.for_run(cfg, acc.device)))
     run.console.print(
         f"{schedule.total_steps} steps x {schedule.global_batch} pairs ({cfg.per_device_train_batch_size} per device "
         f"x {cfg.gradient_accumulation_steps} accumulation x {acc.num_processes} processes); loss {cfg.loss_type}, "
