@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dpokit import quantization
 from dpokit.data import Message
 from dpokit.inference import (
     Question,
@@ -35,7 +36,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     model_name = args.model or (None if args.adapter else BUILTIN_MODEL)
     settings = sampling_from_args(args)
-    model, tokenizer = load_for_inference(model_name, args.adapter)
+    model, tokenizer = load_for_inference(model_name, args.adapter, quantization.from_flags(args))
     device = next(model.parameters()).device
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[Message] = list(system)
@@ -85,7 +86,7 @@ def run_vibe(args: argparse.Namespace) -> int:
         output = (run_dir if run_dir is not None else Path(args.adapter).resolve().parent) / VIBE_FILE
     ensure_writable(output.resolve().parent, "--output")
     settings = sampling_from_args(args)
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.adapter, quantization.from_flags(args))
     answers = vibe_check(model, tokenizer, questions, settings, args.bf16)
     base_name = args.model or adapter_base_model(args.adapter)
     rows = [

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from dpokit import quantization
 from dpokit.data import Message, Pair
 from dpokit.data.encode import EncodedPair
 from dpokit.distributed import process_state
@@ -183,10 +184,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if output is not None:
         ensure_writable(output.resolve().parent, "--output")
     loaded = load_pairs(args.data, split=args.split, data_format=args.data_format, max_bad_rows=args.max_bad_rows)
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    quant = quantization.from_flags(args)
+    model, tokenizer = load_for_inference(args.model, args.adapter, quant)
     reference = None
     if args.reference is not None:
-        reference, _ = load_for_inference(args.reference, None)
+        reference, _ = load_for_inference(args.reference, None, quant)
     metrics = evaluate_pairs(model, tokenizer, loaded.pairs, settings, reference)
     result = {
         "data": loaded.source,
@@ -197,6 +199,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "adapter": args.adapter,
         "reference": args.reference or "the model with the adapter switched off",
         "beta_from": beta_source,
+        "quantization": quant.describe() if quant is not None else None,
         **metrics,
     }
     text = json.dumps(result, indent=2, ensure_ascii=False)
@@ -328,6 +331,7 @@ class Contestant:
     model: str | None
     adapter: str | None
     model_id: str
+    quant: quantization.Quantization | None = None  # the base quantized as it loads (--load-in-4bit/8bit)
 
 
 def contestant_id(model: str | None, adapter: str | None) -> str:
@@ -341,7 +345,7 @@ def contestant_id(model: str | None, adapter: str | None) -> str:
 
 
 def _answers_of(side: Contestant, questions: Sequence[Question], settings: SamplingSettings, bf16: bool | None):
-    model, tokenizer = load_for_inference(side.model, side.adapter)
+    model, tokenizer = load_for_inference(side.model, side.adapter, side.quant)
     answers = answer_questions(model, tokenizer, questions, settings, bf16)
     del model  # the memory goes back before the other side's model loads
     gc.collect()
@@ -545,7 +549,8 @@ def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant]:
     id_2 = args.name_b or contestant_id(args.model_b, args.adapter_b)
     if id_1 == id_2:
         id_1, id_2 = f"{id_1}-A", f"{id_2}-B"
-    return Contestant(model_a, args.adapter_a, id_1), Contestant(args.model_b, args.adapter_b, id_2)
+    quant = quantization.from_flags(args)
+    return Contestant(model_a, args.adapter_a, id_1, quant), Contestant(args.model_b, args.adapter_b, id_2, quant)
 
 
 def run_compare(args: argparse.Namespace) -> int:

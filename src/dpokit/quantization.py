@@ -78,7 +78,8 @@ def from_config(cfg: Any) -> Quantization | None:
 
 
 def from_args(args: argparse.Namespace) -> Quantization | None:
-    """The quantization of `--load-in-4bit` / `--load-in-8bit` (eval, compare, vibe, chat, generate)."""
+    """The quantization of `--load-in-4bit` / `--load-in-8bit` (eval, compare, vibe, chat, generate), compute dtype
+    unresolved."""
     if getattr(args, "load_in_4bit", False):
         return Quantization(4)
     if getattr(args, "load_in_8bit", False):
@@ -275,3 +276,47 @@ def summary(cfg: Any, device: torch.device, model: Any) -> dict[str, Any] | None
     if quant is None:
         return None
     return {**quant.describe(), **weight_memory(model).to_dict()}
+
+
+def stored_quantization(path: str) -> str | None:
+    """The quantization method a model folder's weights are stored in (its config's `quantization_config`), if
+    any: such weights are not full precision."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None  # the load that follows reports what is wrong with the folder
+    stored = getattr(config, "quantization_config", None)
+    if stored is None:
+        return None
+    method = stored.get("quant_method") if isinstance(stored, dict) else getattr(stored, "quant_method", None)
+    return str(getattr(method, "value", method) or "quantized")
+
+
+def adapter_quantization(adapter_dir: str) -> dict[str, Any] | None:
+    """The quantized base an adapter was trained on, as `dpokit train` recorded it in dpokit.json."""
+    import json
+    from pathlib import Path
+
+    path = Path(adapter_dir) / "dpokit.json"
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    value = recorded.get("quantization") if isinstance(recorded, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def from_flags(args: argparse.Namespace) -> Quantization | None:
+    """`from_args` resolved for the device this process runs on (its compute dtype following `--bf16`), after the
+    probe: a missing or broken bitsandbytes fails before any model loads."""
+    from dpokit.distributed import process_state
+
+    quant = from_args(args)
+    if quant is None:
+        return None
+    device = process_state().device
+    quant = quant.resolve(device, getattr(args, "bf16", None))
+    probe(quant, device)
+    return quant

@@ -608,7 +608,8 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
         target = run.output_dir / ("adapter" if run.cfg.use_peft else "model")
         run.unwrapped_model().save_pretrained(str(target), safe_serialization=True)
         run.tokenizer.save_pretrained(str(target))
-        write_json(target / "dpokit.json", {"base_model": run.cfg.model_name_or_path, "beta": run.cfg.beta})
+        provenance = {"base_model": run.cfg.model_name_or_path, "beta": run.cfg.beta}
+        write_json(target / "dpokit.json", {**provenance, "quantization": summary["quantization"]})
         summary["output"] = str(target)
         write_json(run.output_dir / "summary.json", summary)
         run.console.print(
