@@ -49,6 +49,8 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     disable_progress_bars()
+    # bitsandbytes, imported by peft when installed, reports an optional CPU kernel it lacks (see quantization.py)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     # deprecation notices about transformers' own internals, raised from peft and transformers code
