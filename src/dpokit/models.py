@@ -360,8 +360,9 @@ def cast_frozen_linears(model: Any, dtype: torch.dtype) -> int:
     head = model.get_output_embeddings()
     changed = 0
     for module in model.modules():
-        frozen = not module.weight.requires_grad and module.weight.is_floating_point()  # not quantized ones
-        if isinstance(module, torch.nn.Linear) and module is not head and frozen:
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if not module.weight.requires_grad and module.weight.is_floating_point():  # quantized ones stay as they are
             module.to(dtype)
             changed += 1
     return changed

@@ -221,7 +221,7 @@ class WeightMemory:
         )
 
     def to_dict(self) -> dict[str, float]:
-        return {f"weights_{k}_mb": round(v / 2**20, 1) for k, v in vars(self).items()}
+        return {f"weights_{k}_mb": round(v / 2**20, 3) for k, v in vars(self).items()}
 
 
 def _mib(n: int) -> str:
