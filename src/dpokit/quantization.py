@@ -87,6 +87,34 @@ def from_args(args: argparse.Namespace) -> Quantization | None:
     return None
 
 
+def for_run(cfg: Any, device: torch.device) -> Quantization | None:
+    """The training config's quantization with its compute dtype resolved for `device`, or None."""
+    quant = from_config(cfg)
+    return quant.resolve(device, cfg.bf16) if quant is not None else None
+
+
+def start(cfg: Any, device: torch.device) -> Quantization | None:
+    """`for_run`, after the probe has shown that bitsandbytes runs on `device`."""
+    quant = for_run(cfg, device)
+    if quant is not None:
+        probe(quant, device)
+    return quant
+
+
+def from_flags(args: argparse.Namespace) -> Quantization | None:
+    """`from_args` resolved for the device this process runs on (its compute dtype following `--bf16`), after the
+    probe: a missing or broken bitsandbytes fails before any model loads."""
+    from dpokit.distributed import process_state
+
+    quant = from_args(args)
+    if quant is None:
+        return None
+    device = process_state().device
+    quant = quant.resolve(device, getattr(args, "bf16", None))
+    probe(quant, device)
+    return quant
+
+
 def check_config(cfg: Any) -> None:
     """The combinations a quantized base cannot train with, as one line naming the key."""
     if cfg.load_in_4bit and cfg.load_in_8bit:
@@ -198,13 +226,6 @@ def prepare_for_training(model: Any, gradient_checkpointing: bool) -> Any:
     )
 
 
-def is_quantized(model: Any) -> bool:
-    """Whether transformers loaded `model` (or the base inside a peft wrapper) with quantized weights."""
-    from dpokit.models import base_model
-
-    return getattr(base_model(model), "hf_quantizer", None) is not None
-
-
 @dataclass(frozen=True)
 class WeightMemory:
     """Bytes of the base model's weights as stored, and as the same weights would take in fp32 and bf16."""
@@ -256,20 +277,6 @@ def _quant_state_bytes(state: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def for_run(cfg: Any, device: torch.device) -> Quantization | None:
-    """The training config's quantization with its compute dtype resolved for `device`, or None."""
-    quant = from_config(cfg)
-    return quant.resolve(device, cfg.bf16) if quant is not None else None
-
-
-def start(cfg: Any, device: torch.device) -> Quantization | None:
-    """`for_run`, after the probe has shown that bitsandbytes runs on `device`."""
-    quant = for_run(cfg, device)
-    if quant is not None:
-        probe(quant, device)
-    return quant
-
-
 def summary(cfg: Any, device: torch.device, model: Any) -> dict[str, Any] | None:
     """summary.json's `quantization`: how the base was stored and what its weights took."""
     quant = for_run(cfg, device)
@@ -306,17 +313,3 @@ def adapter_quantization(adapter_dir: str) -> dict[str, Any] | None:
         return None
     value = recorded.get("quantization") if isinstance(recorded, dict) else None
     return value if isinstance(value, dict) else None
-
-
-def from_flags(args: argparse.Namespace) -> Quantization | None:
-    """`from_args` resolved for the device this process runs on (its compute dtype following `--bf16`), after the
-    probe: a missing or broken bitsandbytes fails before any model loads."""
-    from dpokit.distributed import process_state
-
-    quant = from_args(args)
-    if quant is None:
-        return None
-    device = process_state().device
-    quant = quant.resolve(device, getattr(args, "bf16", None))
-    probe(quant, device)
-    return quant
