@@ -134,6 +134,30 @@ def test_other_quantizations_start_at_log2_and_learn(
         assert summary["quantization"]["compute_dtype"] == "bfloat16"  # auto follows the run's precision
 
 
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"load_in_4bit": True},
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "use_bnb_nested_quant": True, "dtype": "bfloat16"},
+        {"load_in_8bit": True},
+    ],
+)
+def test_the_keys_build_trls_bitsandbytes_config(keys: dict) -> None:
+    """The same key values give the BitsAndBytesConfig TRL builds from its ModelConfig (TRL's `dtype` is our
+    compute dtype)."""
+    from trl import ModelConfig
+    from trl.trainer.utils import get_quantization_config
+
+    from dpokit import quantization
+
+    dtype = keys.get("dtype", "float32")
+    ours = {k: v for k, v in keys.items() if k != "dtype"} | {"bnb_4bit_compute_dtype": dtype}
+    cfg = load_config(None, {"load_in_4bit": False, **ours})
+    mine = quantization.load_kwargs(quantization.for_run(cfg, torch.device("cpu")), torch.device("cpu"))
+    trl = get_quantization_config(ModelConfig(**{"dtype": "float32", **keys}))
+    assert mine["quantization_config"].to_dict() == trl.to_dict()
+
+
 def test_precompute_on_and_off_give_the_same_steps(tiny_model_dir: Path, pairs: Path, tmp_path: Path) -> None:
     losses = {}
     for precompute in ("true", "false"):

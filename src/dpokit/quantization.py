@@ -187,13 +187,15 @@ def load_kwargs(quant: Quantization, device: torch.device) -> dict[str, Any]:
 
     if quant.compute_dtype == "auto":
         raise ValueError("resolve the compute dtype before loading")  # a bug, not the user's
-    config = BitsAndBytesConfig(
-        load_in_4bit=quant.bits == 4,
-        load_in_8bit=quant.bits == 8,
-        bnb_4bit_quant_type=quant.quant_type,
-        bnb_4bit_use_double_quant=quant.nested,
-        bnb_4bit_compute_dtype=COMPUTE_DTYPES[quant.compute_dtype],
-    )
+    if quant.bits == 8:
+        config = BitsAndBytesConfig(load_in_8bit=True)  # its layers compute in their input's dtype
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.nested,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPES[quant.compute_dtype],
+        )
     return {"quantization_config": config, "device_map": {"": device}}
 
 
