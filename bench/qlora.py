@@ -34,7 +34,7 @@ BASES = {
     "bf16": ["bf16=true"],
     "8-bit": ["load_in_8bit=true", "bf16=false"],
     "4-bit nf4": ["load_in_4bit=true", "bf16=false"],
-    "4-bit nf4, bf16 compute": ["load_in_4bit=true", "bf16=true"],
+    "4-bit nf4 + bf16 compute": ["load_in_4bit=true", "bf16=true"],
 }
 # model -> (steps, pairs per step); the first step is left out of pairs/s
 MODELS = {"builtin": (3, 2), "llama-1b": (2, 1)}
