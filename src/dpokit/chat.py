@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dpokit import quantization
 from dpokit.data import Message
 from dpokit.data.chat_template import TemplateRefused, apply_system_message, refusal_fix, refused_row, render_chat
 from dpokit.errors import UserError
@@ -44,7 +45,7 @@ def run_chat(args: argparse.Namespace) -> int:
     policy = system_message_of(args.adapter, args.system_message)
     system = [{"role": "system", "content": args.system}] if args.system else []
     _check_system(inference_tokenizer(model_name, args.adapter), system, policy)
-    model, tokenizer = load_for_inference(model_name, args.adapter)
+    model, tokenizer = load_for_inference(model_name, args.adapter, quantization.from_flags(args))
     device = next(model.parameters()).device
     history: list[Message] = list(system)
     print("type a message; /reset starts over, /exit leaves", flush=True)
@@ -115,7 +116,7 @@ def run_vibe(args: argparse.Namespace) -> int:
     policy = system_message_of(args.adapter, args.system_message)
     first_turns = [Question(q.question_id, q.turns[:1], q.category, q.context) for q in questions]
     check_questions(inference_tokenizer(args.model, args.adapter), first_turns, args.prompts, policy, output.parent)
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.adapter, quantization.from_flags(args))
     answers = vibe_check(model, tokenizer, questions, settings, args.bf16, policy)
     base_name = args.model or adapter_base_model(args.adapter)
     rows = [

@@ -330,6 +330,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="answers generated per forward batch (default 16)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
+    _add_quantization_flags(p)
     p.add_argument("--judge", required=True, help="judge spec (see above)")
     p.add_argument(
         "--pairing",
@@ -399,6 +400,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=None, help="longest prompt+response (default: the run's)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
+    _add_quantization_flags(p)
     p.add_argument("--output", default=None, metavar="FILE.json", help="also write the JSON here")
 
 
@@ -414,6 +416,16 @@ def _add_answering_options(p: argparse.ArgumentParser, temperature: float, max_n
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
     _add_system_message(p, default=None)
+    _add_quantization_flags(p)
+
+
+def _add_quantization_flags(p: argparse.ArgumentParser) -> None:
+    """`--load-in-4bit` / `--load-in-8bit`, read by `dpokit.quantization.from_args`."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--load-in-4bit", action="store_true", help="quantize the base to 4-bit NF4 as it loads (needs dpokit[qlora])"
+    )
+    g.add_argument("--load-in-8bit", action="store_true", help="quantize the base to 8-bit as it loads")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:

@@ -306,6 +306,32 @@ class DPOConfig:
         "lora",
     )
 
+    # --- quantization (QLoRA) ------------------------------------------------------------------------------------
+    load_in_4bit: bool = option(
+        False,
+        "Load the frozen base in 4 bits through bitsandbytes and train LoRA on it (QLoRA); needs the `qlora` extra. "
+        "The reference is the same quantized base with the adapter off.",
+        "quantization",
+    )
+    load_in_8bit: bool = option(
+        False, "Load the frozen base in 8 bits (LLM.int8) through bitsandbytes and train LoRA on it.", "quantization"
+    )
+    bnb_4bit_quant_type: str = option(
+        "nf4", "4-bit data type: `nf4` (NormalFloat, QLoRA's) or `fp4`.", "quantization", choices=("nf4", "fp4")
+    )
+    use_bnb_nested_quant: bool = option(
+        False,
+        "Quantize the 4-bit scales too (double quantization): about 0.4 bits less per weight.",
+        "quantization",
+    )
+    bnb_4bit_compute_dtype: str = option(
+        "auto",
+        "dtype the quantized layers compute in. `auto`: bfloat16 where the run computes in bf16 (see `bf16`), "
+        "float32 otherwise.",
+        "quantization",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+
     # --- speed ---------------------------------------------------------------------------------------------------
     padding_free: bool = option(
         True,
@@ -670,6 +696,9 @@ def validate(cfg: DPOConfig) -> None:
         "overwrite_output_dir",
         "cannot be combined with resume: one continues the run in output_dir, the other replaces it",
     )
+    from dpokit.quantization import check_config
+
+    check_config(cfg)
     from dpokit.data.formats import FORMATS
 
     need(

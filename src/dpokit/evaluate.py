@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from dpokit import quantization
 from dpokit.data import Message, Pair
 from dpokit.data.encode import EncodedPair
 from dpokit.distributed import process_state
@@ -188,10 +189,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if output is not None:
         ensure_writable(output.resolve().parent, "--output")
     loaded = load_pairs(args.data, split=args.split, data_format=args.data_format, max_bad_rows=args.max_bad_rows)
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    quant = quantization.from_flags(args)
+    model, tokenizer = load_for_inference(args.model, args.adapter, quant)
     reference = None
     if args.reference is not None:
-        reference, _ = load_for_inference(args.reference, None)
+        reference, _ = load_for_inference(args.reference, None, quant)
     metrics = evaluate_pairs(model, tokenizer, loaded.pairs, settings, reference)
     result = {
         "data": loaded.source,
@@ -202,6 +204,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "adapter": args.adapter,
         "reference": args.reference or "the model with the adapter switched off",
         "beta_from": beta_source,
+        "quantization": quant.describe() if quant is not None else None,
         **metrics,
     }
     text = json.dumps(result, indent=2, ensure_ascii=False)
@@ -348,6 +351,7 @@ class Contestant:
     system_message: str = "keep"  # what its answers do with system turns (see dpokit.data.chat_template)
     answers: dict[str, list[str]] | None = field(default=None, compare=False, repr=False)
     answers_file: str | None = None
+    quant: quantization.Quantization | None = None  # the base quantized as it loads (--load-in-4bit/8bit)
 
 
 def contestant_id(model: str | None, adapter: str | None) -> str:
@@ -365,7 +369,7 @@ def _answers_of(side: Contestant, questions: Sequence[Question], settings: Sampl
         from dpokit.mtbench import answers_for
 
         return answers_for(side.answers, questions, side.answers_file or side.model_id)
-    model, tokenizer = load_for_inference(side.model, side.adapter)
+    model, tokenizer = load_for_inference(side.model, side.adapter, side.quant)
     answers = answer_questions(model, tokenizer, questions, settings, bf16, system_message=side.system_message)
     del model  # the memory goes back before the other side's model loads
     gc.collect()
@@ -655,8 +659,9 @@ def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant]:
         id_1, id_2 = f"{id_1}-A", f"{id_2}-B"
     policy_1 = system_message_of(args.adapter_a, args.system_message)
     policy_2 = system_message_of(args.adapter_b, args.system_message)
-    return _contestant(model_a, args.adapter_a, id_1, policy_1, answers_a, "--answers-a"), _contestant(
-        args.model_b, args.adapter_b, id_2, policy_2, answers_b, "--answers-b"
+    quant = quantization.from_flags(args)
+    return _contestant(model_a, args.adapter_a, id_1, policy_1, quant, answers_a, "--answers-a"), _contestant(
+        args.model_b, args.adapter_b, id_2, policy_2, quant, answers_b, "--answers-b"
     )
 
 
@@ -668,10 +673,16 @@ def _default_id(model: str | None, adapter: str | None, answers_file: str | None
 
 
 def _contestant(
-    model: str | None, adapter: str | None, model_id: str, system_message: str, answers_file: str | None, flag: str
+    model: str | None,
+    adapter: str | None,
+    model_id: str,
+    system_message: str,
+    quant: quantization.Quantization | None,
+    answers_file: str | None,
+    flag: str,
 ) -> Contestant:
     if answers_file is None:
-        return Contestant(model, adapter, model_id, system_message)
+        return Contestant(model, adapter, model_id, system_message, quant=quant)
     from dpokit.mtbench import load_answer_file
 
     answers = load_answer_file(answers_file, flag)

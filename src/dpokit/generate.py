@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpokit import quantization
 from dpokit.data import Message
 from dpokit.distributed import process_state
 from dpokit.errors import UserError
@@ -611,6 +612,7 @@ def run(args: argparse.Namespace) -> int:
     # another run's file, or nothing left to do: known before loading anything
     done = finished_keys(output, make_provenance(args.judge, model_name, args.adapter, sampling, pairing), False)
     dist = Distribution.from_accelerate()
+    quant = quantization.from_flags(args)
     if all(item.key in done for item in items):
         summary = Summary(output=str(output), prompts=len(items))
         _prompts_to_do(items, done, summary)
@@ -622,7 +624,7 @@ def run(args: argparse.Namespace) -> int:
         judge.check()  # an endpoint that cannot be reached fails now, before the model loads
         tokenizer = load_tokenizer(model_name)
         items = _accepted_prompts(items, tokenizer, args, output)
-        model = load_model(model_name)
+        model = load_model(model_name, quantization=quant, device=dist.device)
         if args.adapter:
             model = load_adapter(model, args.adapter)
         model.to(dist.device)

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpokit.data import Message
 from dpokit.distributed import process_state
@@ -26,6 +26,9 @@ from dpokit.errors import UserError
 from dpokit.models import autocast_for
 from dpokit.prompts import PromptItem, load_prompts
 from dpokit.sampling import SamplingSettings, generate_responses
+
+if TYPE_CHECKING:
+    from dpokit.quantization import Quantization
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,11 @@ def run_folder_of(adapter_dir: str | os.PathLike | None) -> Path | None:
     return None
 
 
-def load_for_inference(model_name: str | None, adapter: str | None) -> tuple[Any, Any]:
-    """(model, tokenizer) in eval mode on this process's device, with the adapter attached when given.
+def load_for_inference(
+    model_name: str | None, adapter: str | None, quantization: Quantization | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode on this process's device, with the adapter attached when given, the base
+    quantized as it loads with `quantization` (`--load-in-4bit` / `--load-in-8bit`).
 
     The tokenizer comes from the adapter folder when training saved one there (it holds the chat template the
     adapter was trained with), else from the base model with the chat template of the adapter's run, if any.
@@ -73,10 +79,11 @@ def load_for_inference(model_name: str | None, adapter: str | None) -> tuple[Any
 
     model_name = _model_of(model_name, adapter)
     tokenizer = inference_tokenizer(model_name, adapter)
-    model = load_model(model_name)
+    device = process_state().device
+    model = load_model(model_name, quantization=quantization, device=device)
     if adapter is not None:
         model = load_adapter(model, adapter)
-    model.to(process_state().device)
+    model.to(device)
     model.eval()
     return model, tokenizer
 

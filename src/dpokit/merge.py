@@ -17,6 +17,7 @@ import torch
 from dpokit.errors import RunStopped, UserError
 from dpokit.inference import adapter_base_model
 from dpokit.outputs import ensure_writable
+from dpokit.quantization import adapter_quantization, stored_quantization
 
 # Largest |merged - unmerged| logit allowed, relative to the largest |logit|. Merging adds B @ A * scale into each
 # weight in fp32, which reorders float additions only: measured differences are ~1e-6 of the logit scale, so
@@ -57,6 +58,9 @@ def _probe_logits(model: Any, probe: dict[str, torch.Tensor]) -> torch.Tensor:
 def merge_adapter(adapter_dir: str, output_dir: str, model_name: str | None = None, dtype: str = "auto") -> MergeCheck:
     """Fold the adapter into its base (fp32), check logits on a probe conversation, save in `dtype`.
 
+    An adapter trained on a quantized base (QLoRA) is merged the same way: into the full-precision base, and checked
+    against the adapter on that base; a base stored quantized is refused.
+
     The folder appears complete or not at all: the model is written to a temporary folder beside it and
     renamed into place.
     """
@@ -67,6 +71,12 @@ def merge_adapter(adapter_dir: str, output_dir: str, model_name: str | None = No
         raise UserError(f"output folder {output} is not empty; give a new --output folder")
     ensure_writable(output.resolve().parent, "--output")
     base = model_name or adapter_base_model(adapter_dir)
+    stored = stored_quantization(resolve_model_path(base))
+    if stored is not None:
+        raise UserError(
+            f"base model `{base}` is stored quantized ({stored}); merge folds the adapter into full-precision "
+            "weights only: pass the unquantized base with --model"
+        )
     save_dtype = _save_dtype(resolve_model_path(base), dtype)
     has_own_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter_dir if has_own_tokenizer else base)
@@ -89,7 +99,12 @@ def merge_adapter(adapter_dir: str, output_dir: str, model_name: str | None = No
     try:
         merged_model.to(save_dtype).save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        provenance = {"adapter": str(Path(adapter_dir).resolve()), "base_model": base, "check": check.to_dict()}
+        provenance = {
+            "adapter": str(Path(adapter_dir).resolve()),
+            "base_model": base,
+            "adapter_trained_on": adapter_quantization(adapter_dir),  # a QLoRA adapter's quantized base, or None
+            "check": check.to_dict(),
+        }
         (staging / "merge.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         os.chmod(staging, 0o755)
         if output.exists():

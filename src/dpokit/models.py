@@ -17,11 +17,14 @@ import shutil
 import tempfile
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dpokit.errors import UserError
+
+if TYPE_CHECKING:
+    from dpokit.quantization import Quantization
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     disable_progress_bars()
+    # bitsandbytes, imported by peft when installed, reports an optional CPU kernel it lacks (see quantization.py)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     # deprecation notices about transformers' own internals, raised from peft and transformers code
@@ -183,12 +188,20 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    quantization: Quantization | None = None,
+    device: torch.device | None = None,
 ) -> Any:
-    """A causal LM with fp32 master weights by default; safetensors only, no remote code unless asked."""
+    """A causal LM with fp32 master weights by default; safetensors only, no remote code unless asked. With
+    `quantization` (its compute dtype resolved) the linear layers are quantized as they load, onto `device`."""
     from transformers import AutoModelForCausalLM
 
     quiet_libraries()
     path = resolve_model_path(name)
+    extra = {}
+    if quantization is not None:
+        from dpokit.quantization import load_kwargs
+
+        extra = load_kwargs(quantization, device or torch.device("cpu"))
     with _loading(name, folder=Path(path)):
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -196,7 +209,12 @@ def load_model(
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
             use_safetensors=True,
+            **extra,
         )
+    if quantization is not None:
+        from dpokit.quantization import keep_training_layout
+
+        keep_training_layout(model)
     return model
 
 
@@ -341,7 +359,9 @@ def cast_frozen_linears(model: Any, dtype: torch.dtype) -> int:
     head = model.get_output_embeddings()
     changed = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module is not head and not module.weight.requires_grad:
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if not module.weight.requires_grad and module.weight.is_floating_point():  # quantized ones stay as they are
             module.to(dtype)
             changed += 1
     return changed
@@ -370,9 +390,15 @@ def compile_layers(model: Any) -> int:
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts; of whole weights when DeepSpeed ZeRO-3 holds only a shard here."""
-    sizes = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in model.parameters()]
+    """(trainable, total) parameter counts: of whole weights when DeepSpeed ZeRO-3 holds only a shard here, and a
+    4-bit weight counts its values, not the bytes it is packed into."""
+    sizes = [(getattr(p, "ds_numel", None) or _values(p), p.requires_grad) for p in model.parameters()]
     return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
+
+
+def _values(param: torch.Tensor) -> int:
+    state = getattr(param, "quant_state", None)  # bitsandbytes' 4-bit weights: two values to a byte
+    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()
 
 
 def disable_dropout(model: Any) -> None:

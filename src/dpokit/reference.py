@@ -31,6 +31,7 @@ from dpokit.data.encode import EncodedDataset
 from dpokit.logprobs import SeqLogps, SequenceLogps
 from dpokit.losses import needs_reference
 from dpokit.models import cache_dir, resolve_model_path
+from dpokit.quantization import for_run
 
 RefLogps = tuple[torch.Tensor, torch.Tensor]  # (chosen, rejected), each (B,)
 
@@ -191,6 +192,9 @@ def build_reference(
         "plan": hashlib.sha256(json.dumps(plans).encode()).hexdigest(),
         **({"ld_alpha": cfg.ld_alpha} if cfg.ld_alpha is not None else {}),  # LD-DPO weights the sums
     }
+    quant = for_run(cfg, acc.device)
+    if quant is not None:  # the same weights quantized are another reference; unquantized keys stay as they were
+        settings["quantization"] = quant.describe()
     path = cache_path(cache_dir(), model_fingerprint(resolve_model_path(cfg.model_name_or_path)), data, settings)
     table = load_table(path, len(data))
     # every process must take the same branch, or the ones that compute wait forever in the gather; on several

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from dpokit import checkpoint as ckpt
-from dpokit import engines, trackers
+from dpokit import engines, quantization, trackers
 from dpokit.config import SFTConfig, load_sft_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
 from dpokit.data.collate import Batch
@@ -192,12 +192,13 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     acc.wait_for_everyone()
     set_seed(cfg.seed)
     console = make_console(acc.is_main_process)
+    quant = quantization.start(cfg, acc.device)  # QLoRA as in train: a broken bitsandbytes install fails here
 
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
     train_set, train_stats = load_split(cfg, tokenizer, "train", console)
     eval_set, eval_stats = load_split(cfg, tokenizer, "eval", console) if cfg.eval_data else (None, None)
 
-    model = load_policy(cfg, acc.device)
+    model = load_policy(cfg, acc.device, quant)
     policy = SequenceLogps(model, cfg.logits_chunk_size)
     schedule = Schedule.from_config(cfg, len(train_set), acc.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from dpokit import attention, devices, engines, trackers
+from dpokit import attention, devices, engines, quantization, trackers
 from dpokit import checkpoint as ckpt
 from dpokit.config import DPOConfig, load_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
@@ -297,13 +297,14 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
     console = make_console(acc.is_main_process)
     for line in filter(None, (engine.describe(acc), reference_line)):  # what runs, before anything is loaded
         console.print(line)
+    quant = quantization.start(cfg, acc.device)  # a broken bitsandbytes install fails here, in a second
 
     # Data first: a bad row must fail in seconds, before a model is loaded.
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
     train_set, train_stats = load_split(cfg, tokenizer, "train", console)
     eval_set, eval_stats = load_split(cfg, tokenizer, "eval", console) if cfg.eval_data else (None, None)
 
-    model = load_policy(cfg, acc.device)
+    model = load_policy(cfg, acc.device, quant)
     policy = SequenceLogps(model, cfg.logits_chunk_size, cfg.ld_alpha, cfg.use_weighting)
 
     def batches_of(data: EncodedDataset) -> Any:
@@ -366,17 +367,23 @@ def make_batch(
     return collate(pairs, pad_id, **layout).to(device)
 
 
-def load_policy(cfg: DPOConfig, device: torch.device) -> Any:
-    """The model to train: LoRA on a frozen base (stored in bf16 under bf16 autocast), or every weight; dropout
-    off as TRL does by default."""
+def load_policy(cfg: DPOConfig, device: torch.device, quant: quantization.Quantization | None = None) -> Any:
+    """The model to train: LoRA on a frozen base (stored in bf16 under bf16 autocast, or quantized with `quant`),
+    or every weight; dropout off as TRL does by default."""
     choice = attention.for_config(cfg, device)
     model = load_model(
-        cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, attn_implementation=choice.load_as
+        cfg.model_name_or_path,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=choice.load_as,
+        quantization=quant,
+        device=device,
     )
     model.config.use_cache = False
     attention.apply(choice, model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if quant is not None:
+        model = quantization.prepare_for_training(model, cfg.gradient_checkpointing)
     if cfg.use_peft:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed)
         if precision(cfg) == "bf16":
@@ -579,6 +586,7 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
         "processes": acc.num_processes,
         "global_batch_size": run.schedule.global_batch,
         "train_pairs": len(run.train_set),
+        "quantization": quantization.summary(run.cfg, acc.device, run.unwrapped_model()),
         "final": next((r for r in reversed(rows) if "loss" in r), {}),
         "final_eval": next((r for r in reversed(rows) if "eval/loss" in r), {}),
     }
@@ -590,7 +598,8 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
         target = run.output_dir / ("adapter" if run.cfg.use_peft else "model")
         run.unwrapped_model().save_pretrained(str(target), state_dict=whole, safe_serialization=True)
         run.tokenizer.save_pretrained(str(target))
-        write_json(target / "dpokit.json", {"base_model": run.cfg.model_name_or_path, "beta": run.cfg.beta})
+        provenance = {"base_model": run.cfg.model_name_or_path, "beta": run.cfg.beta}
+        write_json(target / "dpokit.json", {**provenance, "quantization": summary["quantization"]})
         summary["output"] = str(target)
         write_json(run.output_dir / "summary.json", summary)
         run.console.print(
@@ -690,6 +699,7 @@ def print_header(run: Run, model: Any) -> None:
         f"model {cfg.model_name_or_path}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), {method}; precision {acc.mixed_precision}, device {acc.device}"
     )
+    run.console.print(quantization.weight_memory(model).line(quantization.for_run(cfg, acc.device)))
     run.console.print(
         f"{schedule.total_steps} steps x {schedule.global_batch} pairs ({cfg.per_device_train_batch_size} per device "
         f"x {cfg.gradient_accumulation_steps} accumulation x {acc.num_processes} processes); "
