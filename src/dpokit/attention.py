@@ -126,18 +126,24 @@ def _mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any)
 
 def enable(model: Any) -> bool:
     """Switch a model that runs transformers' SDPA to segment attention; False if it cannot switch."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(NAME, segment_attention)
-    AttentionMaskInterface.register(NAME, _mask)
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(NAME)
-    return enabled(model)
+    return switch_attention(model, NAME, segment_attention, _mask)
 
 
 def enabled(model: Any) -> bool:
     return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def switch_attention(model: Any, name: str, forward: Any, mask: Any) -> bool:
+    """Register `forward` and `mask` with transformers under `name` and switch a model that runs SDPA to them;
+    whether the model now runs `name`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, mask)
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(name)
+    return getattr(model.config, "_attn_implementation", None) == name
 
 
 # --- which attention kernel a run uses --------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dpokit.attention import Segment
+from dpokit.attention import Segment, switch_attention
 from dpokit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -205,14 +205,7 @@ def _mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
 
 def enable(model: Any) -> bool:
     """Switch a model that runs transformers' SDPA to FlexAttention block masks; False if it cannot switch."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(NAME, flex_attention_forward)
-    AttentionMaskInterface.register(NAME, _mask)
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(NAME)
-    return enabled(model)
+    return switch_attention(model, NAME, flex_attention_forward, _mask)
 
 
 def enabled(model: Any) -> bool:
