@@ -36,8 +36,9 @@ from typing import Any
 
 import psutil
 
+from dpokit.config import BUILTIN_MODEL  # noqa: F401  (re-exported for the bench scripts)
+
 BENCH_DIR = Path(__file__).resolve().parent
-BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 
 
 # --- memory and load ----------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from dpokit.evaluate import (
     summarize_by_category,
     summarize_games,
 )
-from dpokit.inference import Question, load_for_inference, load_questions
+from dpokit.inference import load_for_inference
+from dpokit.questions import Question, load_questions
 from dpokit.sampling import SamplingSettings, generate_responses
 from dpokit.stats import bootstrap_mean_interval
 from evaluate_helpers import make_run, tiny_base
@@ -370,7 +371,7 @@ from pathlib import Path
 
 from dpokit.distributed import close_process_group
 from dpokit.evaluate import Contestant, compare_models
-from dpokit.inference import load_questions
+from dpokit.questions import load_questions
 from test_compare import SETTINGS, LengthJudge
 
 base, adapter, prompts, output = sys.argv[1:5]

@@ -21,7 +21,6 @@ from conftest import REAL_DATA
 from dpokit.cli import main
 from dpokit.errors import UserError
 from dpokit.evaluate import ComparisonRecord, Contestant, Game, comparison_summary, write_comparison
-from dpokit.inference import Question
 from dpokit.mtbench import (
     MTBenchPrompts,
     answers_for,
@@ -29,6 +28,7 @@ from dpokit.mtbench import (
     load_answer_file,
     load_judge_prompts,
 )
+from dpokit.questions import Question
 from dpokit.sampling import SamplingSettings
 
 REAL = REAL_DATA / "mt_bench"
@@ -162,7 +162,7 @@ def test_questions_that_need_references_need_them(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not (REAL / "mt_bench").is_dir(), reason=f"no MT-Bench sample at {REAL}")
 def test_reads_fastchat_reference_answers() -> None:
-    from dpokit.inference import load_questions
+    from dpokit.questions import load_questions
 
     questions = load_questions(str(REAL / "mt_bench" / "question.jsonl"))
     references = load_answer_file(REAL / "mt_bench" / "reference_answer" / "gpt-4.jsonl", "--reference-answers")

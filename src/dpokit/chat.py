@@ -16,20 +16,11 @@ from dpokit import quantization
 from dpokit.data import Message
 from dpokit.data.chat_template import TemplateRefused, apply_system_message, refusal_fix, refused_row, render_chat
 from dpokit.errors import UserError
-from dpokit.inference import (
-    Question,
-    adapter_base_model,
-    answer_questions,
-    check_questions,
-    inference_tokenizer,
-    load_for_inference,
-    load_questions,
-    run_folder_of,
-    sampling_from_args,
-    system_message_of,
-)
+from dpokit.inference import inference_tokenizer, load_for_inference, sampling_from_args, system_message_of
 from dpokit.models import autocast_for
 from dpokit.outputs import ensure_writable, write_jsonl
+from dpokit.questions import Question, answer_questions, check_questions, load_questions
+from dpokit.runs import adapter_base_model, run_folder_of
 from dpokit.sampling import SamplingSettings, generate_responses
 
 VIBE_FILE = "vibe.jsonl"

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from dpokit.config import BUILTIN_MODEL
 from dpokit.errors import EXIT_USER_ERROR, RunStopped, UserError
 
 PROG = "dpokit"
@@ -121,32 +122,12 @@ def run_config(args: argparse.Namespace) -> int:
     if not args.settings:
         print(config.describe(), end="")
         return 0
-    path, overrides = split_settings(args.settings)
+    path, overrides = config.split_settings(args.settings)
     cfg = config.load_config(path, overrides)
     import yaml
 
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
-
-
-def split_settings(settings: Sequence[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides). TRL's `--key value` and `--config FILE`
-    are read too (`trl_compat`)."""
-    from dpokit import config
-    from dpokit.trl_compat import flags_to_overrides
-
-    path, settings = flags_to_overrides(settings, config.field_types())
-    if path is not None and settings and "=" not in settings[0]:
-        raise UserError(f"cannot read `{settings[0]}`: the config file is already given with --config {path}")
-    overrides = []
-    for i, item in enumerate(settings):
-        if "=" in item:
-            overrides.append(item)
-        elif i == 0:
-            path = item
-        else:
-            raise UserError(f"cannot read `{item}`: give the config file first, then key=value overrides")
-    return path, overrides
 
 
 # --- data -------------------------------------------------------------------------------------------------------------
@@ -577,7 +558,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="picks the prompts, the samples and the LoRA init (0)")
     p.add_argument(
         "--model",
-        default="builtin:smollm2-135m-instruct",
+        default=BUILTIN_MODEL,
         metavar="M",
         help="the model to align, a hub id or folder (default: the built-in model, which the defaults suit)",
     )

@@ -13,7 +13,7 @@ import difflib
 import os
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -558,6 +558,25 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise UserError(f"cannot read `{item}`: overrides are written key=value, e.g. beta=0.1")
         values[key.strip()] = value
     return values
+
+
+def split_settings(settings: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides). TRL's `--key value` and `--config FILE`
+    are read too (`trl_compat`)."""
+    from dpokit.trl_compat import flags_to_overrides
+
+    path, settings = flags_to_overrides(settings, field_types())
+    if path is not None and settings and "=" not in settings[0]:
+        raise UserError(f"cannot read `{settings[0]}`: the config file is already given with --config {path}")
+    overrides = []
+    for i, item in enumerate(settings):
+        if "=" in item:
+            overrides.append(item)
+        elif i == 0:
+            path = item
+        else:
+            raise UserError(f"cannot read `{item}`: give the config file first, then key=value overrides")
+    return path, overrides
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

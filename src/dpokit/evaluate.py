@@ -43,22 +43,16 @@ from dpokit.data.encode import EncodedPair
 from dpokit.distributed import process_state
 from dpokit.errors import UserError
 from dpokit.inference import (
-    ADAPTER_DIR_NAME,
-    RUN_CONFIG,
-    Question,
-    adapter_base_model,
-    answer_questions,
     check_loadable,
-    check_questions,
     inference_tokenizer,
     load_for_inference,
-    load_questions,
-    run_folder_of,
     sampling_from_args,
     system_message_of,
 )
 from dpokit.models import autocast_for
 from dpokit.outputs import ensure_writable, write_atomic, write_jsonl
+from dpokit.questions import Question, answer_questions, check_questions, load_questions
+from dpokit.runs import ADAPTER_DIR_NAME, RUN_CONFIG, adapter_base_model, run_folder_of
 from dpokit.sampling import SamplingSettings
 from dpokit.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, bootstrap_mean_interval
 

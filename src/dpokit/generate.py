@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit import quantization
+from dpokit.config import BUILTIN_MODEL
 from dpokit.data import Message
 from dpokit.distributed import process_state
 from dpokit.errors import UserError
@@ -42,7 +43,6 @@ from dpokit.sampling import SamplingSettings
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 PAIRINGS = ("best-worst", "best-random")
 
 # why a prompt gave no pair; the summary counts each

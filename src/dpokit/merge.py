@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from dpokit.errors import RunStopped, UserError
-from dpokit.inference import adapter_base_model
 from dpokit.outputs import ensure_writable
 from dpokit.quantization import adapter_quantization, stored_quantization
+from dpokit.runs import adapter_base_model
 
 # Largest |merged - unmerged| logit allowed, relative to the largest |logit|. Merging adds B @ A * scale into each
 # weight in fp32, which reorders float additions only: measured differences are ~1e-6 of the logit scale, so

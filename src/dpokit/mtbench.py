@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import UserError
-from dpokit.inference import Question
 from dpokit.judges import PairwiseRequest, Verdict
+from dpokit.questions import Question
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from dpokit.data.sft import SFTData, collate_examples, load_sft_data, pack_examp
 from dpokit.errors import RunStopped, UserError
 from dpokit.logprobs import SequenceLogps
 from dpokit.models import count_parameters, load_tokenizer
+from dpokit.runs import PROVENANCE_FILE
 from dpokit.train import (
     MetricWindow,
     Schedule,
@@ -50,7 +51,7 @@ from dpokit.train import (
 
 def run(args: argparse.Namespace) -> int:
     """`dpokit sft [CONFIG.yaml] [key=value ...]`."""
-    from dpokit.cli import split_settings
+    from dpokit.config import split_settings
 
     path, overrides = split_settings(args.settings)
     try:
@@ -375,7 +376,10 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
         target = run.output_dir / ("adapter" if run.cfg.use_peft else "model")
         run.unwrapped_model().save_pretrained(str(target), safe_serialization=True)
         run.tokenizer.save_pretrained(str(target))
-        write_json(target / "dpokit.json", {"base_model": run.cfg.model_name_or_path, "stage": "sft"})
+        write_json(
+            target / PROVENANCE_FILE,
+            {"base_model": run.cfg.model_name_or_path, "stage": "sft", "settings": run.cfg.to_dict()},
+        )
         summary["output"] = str(target)
         write_json(run.output_dir / "summary.json", summary)
         run.console.print(f"done: {state.step} steps in {state.runtime:.0f}s, saved {target}")

@@ -51,6 +51,7 @@ from dpokit.models import (
     load_tokenizer,
 )
 from dpokit.reference import Reference, build_reference, live_reference
+from dpokit.runs import PROVENANCE_FILE
 
 METRICS = (
     "loss",
@@ -65,7 +66,7 @@ METRICS = (
 
 def run(args: argparse.Namespace) -> int:
     """`dpokit train [CONFIG.yaml] [key=value ...]`."""
-    from dpokit.cli import split_settings
+    from dpokit.config import split_settings
 
     path, overrides = split_settings(args.settings)
     train(load_config(path, overrides))  # the command closes the group of processes; `train` leaves it open
@@ -598,8 +599,10 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
         target = run.output_dir / ("adapter" if run.cfg.use_peft else "model")
         run.unwrapped_model().save_pretrained(str(target), state_dict=whole, safe_serialization=True)
         run.tokenizer.save_pretrained(str(target))
-        provenance = {"base_model": run.cfg.model_name_or_path, "beta": run.cfg.beta}
-        write_json(target / "dpokit.json", {**provenance, "quantization": summary["quantization"]})
+        # the adapter carries its base and every setting it was trained with, so eval, compare, vibe, generate and
+        # merge read them even after it is moved out of the run folder
+        provenance = {"base_model": run.cfg.model_name_or_path, "stage": "dpo", "quantization": summary["quantization"]}
+        write_json(target / PROVENANCE_FILE, {**provenance, "settings": run.cfg.to_dict()})
         summary["output"] = str(target)
         write_json(run.output_dir / "summary.json", summary)
         run.console.print(

@@ -26,13 +26,14 @@ from typing import Any
 
 import yaml
 
+from dpokit.config import BUILTIN_MODEL
 from dpokit.demo import task
 from dpokit.errors import UserError
 from dpokit.outputs import write_jsonl
 
 log = logging.getLogger("dpokit")
 
-MODEL = "builtin:smollm2-135m-instruct"
+MODEL = BUILTIN_MODEL
 JUDGE = "python:dpokit.demo.task:judge"
 MARKER = "demo.json"  # the settings of the demo that owns the folder
 RESULT = "result.json"
@@ -127,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
 def run_demo(output: Path, settings: DemoSettings) -> dict[str, Any]:
     """All five stages into `output`; returns what result.json holds."""
     from dpokit.generate import read_rows
-    from dpokit.inference import load_for_inference, load_questions
+    from dpokit.inference import load_for_inference
+    from dpokit.questions import load_questions
     from dpokit.report import write_report
     from dpokit.sampling import SamplingSettings
 
@@ -275,7 +277,7 @@ def make_pairs(where: Layout, settings: DemoSettings, model: Any, tokenizer: Any
 def answer(model: Any, tokenizer: Any, questions: list[Any], greedy: Any, label: str) -> list[list[str]]:
     """Greedy answers to the held-out prompts, as `dpokit compare` makes them, with a progress bar."""
     from dpokit.generate import ProgressBar
-    from dpokit.inference import answer_questions
+    from dpokit.questions import answer_questions
 
     with ProgressBar(len(questions), visible=True, label=label) as advance:
         return answer_questions(model, tokenizer, questions, greedy, on_batch=advance)
