@@ -10,20 +10,13 @@ from pathlib import Path
 import pytest
 
 from dpokit.cli import main
+from dpokit.compare import Contestant, compare_models
 from dpokit.errors import UserError
-from dpokit.evaluate import (
-    Contestant,
-    Game,
-    compare_models,
-    judge_both_orders,
-    judged_exchange,
-    summarize_by_category,
-    summarize_games,
-)
 from dpokit.inference import load_for_inference
 from dpokit.questions import Question, load_questions
 from dpokit.sampling import SamplingSettings, generate_responses
 from dpokit.stats import bootstrap_mean_interval
+from dpokit.verdicts import Game, judge_both_orders, judged_exchange, summarize_by_category, summarize_games
 from evaluate_helpers import make_run, tiny_base
 
 
@@ -370,7 +363,7 @@ import sys
 from pathlib import Path
 
 from dpokit.distributed import close_process_group
-from dpokit.evaluate import Contestant, compare_models
+from dpokit.compare import Contestant, compare_models
 from dpokit.questions import load_questions
 from test_compare import SETTINGS, LengthJudge
 

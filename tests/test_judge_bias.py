@@ -7,13 +7,13 @@ import statistics
 
 import pytest
 
-from dpokit.evaluate import Game, summarize_games
 from dpokit.judge_bias import (
     fit_length_model,
     length_controlled_win_rate,
     position_consistency,
     standardized_length_difference,
 )
+from dpokit.verdicts import Game, summarize_games
 
 
 def test_position_consistency_counts_agreeing_orders() -> None:

@@ -19,8 +19,8 @@ import pytest
 
 from conftest import REAL_DATA
 from dpokit.cli import main
+from dpokit.compare import ComparisonRecord, Contestant, comparison_summary, write_comparison
 from dpokit.errors import UserError
-from dpokit.evaluate import ComparisonRecord, Contestant, Game, comparison_summary, write_comparison
 from dpokit.mtbench import (
     MTBenchPrompts,
     answers_for,
@@ -30,6 +30,7 @@ from dpokit.mtbench import (
 )
 from dpokit.questions import Question
 from dpokit.sampling import SamplingSettings
+from dpokit.verdicts import Game
 
 REAL = REAL_DATA / "mt_bench"
 JUDGE_PROMPTS = REAL / "judge_prompts.jsonl"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dpokit.cli import main
-from dpokit.evaluate import Game, summarize_by_category, summarize_games
+from dpokit.verdicts import Game, summarize_by_category, summarize_games
 
 HOSTILE = '<script>window.__pwned = 1; console.error("pwned")</script>'
 HOSTILE_IMAGE = '<img src=x onerror="window.__pwned = 2">'

@@ -413,7 +413,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = _command(
         sub,
         "compare",
-        "dpokit.evaluate:run_compare",
+        "dpokit.compare:run_compare",
         "judge two models' answers pairwise, in both orders",
         "Generate answers from model A and model B and judge every (question, turn) twice, with the answers' "
         "order swapped. B wins only when both orders say so (likewise A); any other pair of verdicts is a tie "

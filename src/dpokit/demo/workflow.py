@@ -322,15 +322,9 @@ def judge_comparison(
     aligned_answers: list[list[str]],
 ) -> dict[str, Any]:
     """Stage 4's verdicts, as `dpokit compare` judges and writes them (MT-Bench files and summary.json)."""
-    from dpokit.evaluate import (
-        Contestant,
-        comparison_summary,
-        contestant_id,
-        play_question,
-        print_comparison,
-        write_comparison,
-    )
+    from dpokit.compare import Contestant, comparison_summary, contestant_id, play_question, write_comparison
     from dpokit.judges import load_judge
+    from dpokit.verdicts import print_comparison
 
     base = Contestant(settings.model, None, contestant_id(settings.model, None))
     aligned = Contestant(settings.model, str(where.adapter), "demo-dpo")
