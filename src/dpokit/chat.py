@@ -12,16 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dpokit import quantization
 from dpokit.data import Message
 from dpokit.data.chat_template import TemplateRefused, apply_system_message, refusal_fix, refused_row, render_chat
 from dpokit.errors import UserError
-from dpokit.inference import inference_tokenizer, load_for_inference, sampling_from_args, system_message_of
+from dpokit.inference import load_with_settings, sampling_from_args, tokenizer_with_settings
 from dpokit.models import autocast_for
 from dpokit.outputs import ensure_writable, write_jsonl
 from dpokit.questions import Question, answer_questions, check_questions, load_questions
-from dpokit.runs import adapter_base_model, run_folder_of
+from dpokit.runs import run_folder_of
 from dpokit.sampling import SamplingSettings, generate_responses
+from dpokit.settings import resolve
 
 VIBE_FILE = "vibe.jsonl"
 MERGE = "--system-message merge"
@@ -29,14 +29,14 @@ MERGE = "--system-message merge"
 
 def run_chat(args: argparse.Namespace) -> int:
     """A conversation in the terminal; lines come from stdin, so it can be scripted."""
-    from dpokit.config import BUILTIN_MODEL
-
-    model_name = args.model or (None if args.adapter else BUILTIN_MODEL)
+    view = resolve("chat", args, args.adapter)
+    cfg = view.config
     settings = sampling_from_args(args)
-    policy = system_message_of(args.adapter, args.system_message)
+    policy = cfg.system_message
     system = [{"role": "system", "content": args.system}] if args.system else []
-    _check_system(inference_tokenizer(model_name, args.adapter), system, policy)
-    model, tokenizer = load_for_inference(model_name, args.adapter, quantization.from_flags(args))
+    _check_system(tokenizer_with_settings(cfg, args.adapter), system, policy)
+    model, tokenizer, _ = load_with_settings(cfg, args.adapter)
+    view.announce("chat")
     device = next(model.parameters()).device
     history: list[Message] = list(system)
     print("type a message; /reset starts over, /exit leaves", flush=True)
@@ -59,7 +59,7 @@ def run_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": text})
         turn_settings = SamplingSettings(**{**settings.to_dict(), "seed": settings.seed + turn})
         try:
-            with autocast_for(device, args.bf16):
+            with autocast_for(device, cfg.bf16):
                 reply = generate_responses(model, tokenizer, [history], turn_settings, system_message=policy)[0][0]
         except TemplateRefused as e:  # this message is not sent; the conversation goes on without it
             history.pop()
@@ -103,13 +103,16 @@ def run_vibe(args: argparse.Namespace) -> int:
         run_dir = run_folder_of(args.adapter)
         output = (run_dir if run_dir is not None else Path(args.adapter).resolve().parent) / VIBE_FILE
     ensure_writable(output.resolve().parent, "--output")
+    view = resolve("vibe", args, args.adapter)
+    cfg = view.config
     settings = sampling_from_args(args)
-    policy = system_message_of(args.adapter, args.system_message)
+    policy = cfg.system_message
     first_turns = [Question(q.question_id, q.turns[:1], q.category, q.context) for q in questions]
-    check_questions(inference_tokenizer(args.model, args.adapter), first_turns, args.prompts, policy, output.parent)
-    model, tokenizer = load_for_inference(args.model, args.adapter, quantization.from_flags(args))
-    answers = vibe_check(model, tokenizer, questions, settings, args.bf16, policy)
-    base_name = args.model or adapter_base_model(args.adapter)
+    check_questions(tokenizer_with_settings(cfg, args.adapter), first_turns, args.prompts, policy, output.parent)
+    model, tokenizer, _ = load_with_settings(cfg, args.adapter)
+    view.announce("vibe")
+    answers = vibe_check(model, tokenizer, questions, settings, cfg.bf16, policy)
+    base_name = cfg.model_name_or_path
     rows = [
         {
             "question_id": q.question_id,

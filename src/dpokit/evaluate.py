@@ -15,47 +15,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpokit import quantization
+from dpokit import settings
+from dpokit.config import DPOConfig
 from dpokit.data import Pair
 from dpokit.data.encode import EncodedPair
+from dpokit.distributed import process_state
 from dpokit.errors import UserError
-from dpokit.inference import (
-    load_for_inference,
-)
+from dpokit.inference import load_for_inference, load_with_settings
+from dpokit.losses import needs_reference
 from dpokit.models import autocast_for
 from dpokit.outputs import ensure_writable, write_atomic
-from dpokit.runs import RUN_CONFIG, adapter_base_model, run_folder_of
+from dpokit.runs import run_folder_of
 from dpokit.stats import bootstrap_mean_interval
 
 EVAL_FILE = "eval.json"
 
 
-# --- eval: implicit reward on held-out pairs ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    beta: float = 0.1
-    batch_size: int = 8
-    max_length: int | None = 1024
-    max_prompt_length: int | None = None
-    truncation_mode: str = "keep_start"
-    bf16: bool | None = None  # None: where the hardware runs it fast
-    system_message: str = "keep"  # as the run was trained (see dpokit.data.chat_template)
-
-
 @torch.no_grad()
 def sequence_logps_of_pairs(
-    model: Any, tokenizer: Any, encoded: Sequence[EncodedPair], settings: EvalSettings
+    model: Any, tokenizer: Any, encoded: Sequence[EncodedPair], cfg: DPOConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the chosen and of the rejected responses under `model`, in batches: (N,) each."""
     from dpokit.data.collate import collate
@@ -64,9 +49,10 @@ def sequence_logps_of_pairs(
     scorer = SequenceLogps(model)
     device = next(model.parameters()).device
     chosen, rejected = [], []
-    for start in range(0, len(encoded), settings.batch_size):
-        batch = collate(encoded[start : start + settings.batch_size], tokenizer.pad_token_id, padding_free=True)
-        with autocast_for(device, settings.bf16):
+    batch_size = cfg.per_device_eval_batch_size
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id, padding_free=True)
+        with autocast_for(device, cfg.bf16):
             logps = scorer(batch.to(device))
         chosen.append(logps.chosen.float().cpu())
         rejected.append(logps.rejected.float().cpu())
@@ -74,37 +60,39 @@ def sequence_logps_of_pairs(
 
 
 def evaluate_pairs(
-    model: Any, tokenizer: Any, pairs: Sequence[Pair], settings: EvalSettings, reference: Any | None = None
+    model: Any, tokenizer: Any, pairs: Sequence[Pair], cfg: DPOConfig, reference: Any | None = None
 ) -> dict[str, Any]:
-    """Implicit-reward metrics of `model` against `reference` (None: `model` with its adapter switched off)."""
+    """Implicit-reward metrics of `model` against `reference` (None: `model` with its adapter switched off), the
+    pairs encoded, cut and dropped by `cfg`'s length settings as training does."""
     from dpokit.data.encode import apply_length_policy, encode_pairs
 
     encoded = apply_length_policy(
-        encode_pairs(tokenizer, pairs, system_message=settings.system_message),
+        encode_pairs(tokenizer, pairs, system_message=cfg.system_message),
         [p.origin for p in pairs],
-        max_length=settings.max_length,
-        max_prompt_length=settings.max_prompt_length,
-        truncation_mode=settings.truncation_mode,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        truncation_mode=cfg.truncation_mode,
+        length_policy=cfg.length_policy,
     )
     if not encoded.pairs:
         raise UserError(f"no pair is left after the length limits ({encoded.counts}); raise --max-length")
-    policy_chosen_logps, policy_rejected_logps = sequence_logps_of_pairs(model, tokenizer, encoded.pairs, settings)
+    policy_chosen_logps, policy_rejected_logps = sequence_logps_of_pairs(model, tokenizer, encoded.pairs, cfg)
     if reference is None:
         with model.disable_adapter():
             reference_chosen_logps, reference_rejected_logps = sequence_logps_of_pairs(
-                model, tokenizer, encoded.pairs, settings
+                model, tokenizer, encoded.pairs, cfg
             )
     else:
         reference_chosen_logps, reference_rejected_logps = sequence_logps_of_pairs(
-            reference, tokenizer, encoded.pairs, settings
+            reference, tokenizer, encoded.pairs, cfg
         )
-    chosen_rewards = settings.beta * (policy_chosen_logps - reference_chosen_logps)  # (N,)
-    rejected_rewards = settings.beta * (policy_rejected_logps - reference_rejected_logps)  # (N,)
+    chosen_rewards = cfg.beta * (policy_chosen_logps - reference_chosen_logps)  # (N,)
+    rejected_rewards = cfg.beta * (policy_rejected_logps - reference_rejected_logps)  # (N,)
     accurate = (chosen_rewards > rejected_rewards).double()
     low, high = bootstrap_mean_interval(accurate.tolist())
     return {
         "pairs": len(encoded.pairs),
-        "beta": settings.beta,
+        "beta": cfg.beta,
         "rewards/accuracies": accurate.mean().item(),
         "accuracy_ci_low": low,
         "accuracy_ci_high": high,
@@ -119,30 +107,9 @@ def evaluate_pairs(
     }
 
 
-def _eval_settings(args: argparse.Namespace, run_dir: Path | None) -> tuple[EvalSettings, str]:
-    """Settings from the flags, falling back to the run's own config.yaml, then to the training defaults."""
-    from dpokit.config import DPOConfig, load_config
-
-    run_config = load_config(run_dir / RUN_CONFIG) if run_dir is not None else DPOConfig()
-    source = f"{run_dir / RUN_CONFIG}" if run_dir is not None else "defaults"
-    beta = args.beta if args.beta is not None else run_config.beta
-    if beta <= 0 or not math.isfinite(beta):
-        raise UserError(f"--beta must be a positive number, got {beta}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    settings = EvalSettings(
-        beta=beta,
-        batch_size=args.batch_size,
-        max_length=args.max_length if args.max_length is not None else run_config.max_length,
-        max_prompt_length=run_config.max_prompt_length,
-        truncation_mode=run_config.truncation_mode,
-        bf16=args.bf16,
-        system_message=run_config.system_message,
-    )
-    return settings, ("--beta" if args.beta is not None else source)
-
-
 def run_eval(args: argparse.Namespace) -> int:
+    from dpokit.console import make_console
+    from dpokit.data.formats import Options
     from dpokit.data.load import load_pairs
 
     if args.adapter is None and args.reference is None:
@@ -152,27 +119,44 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     if args.adapter is not None and args.reference is not None:
         raise UserError("give either --adapter (reference: the base without it) or --reference, not both")
+    if args.adapter is None and args.model_name_or_path is None:
+        raise UserError("give --model, the fully fine-tuned policy to score against --reference")
+    view = settings.resolve("eval", args, args.adapter)
+    cfg = view.config
+    if not needs_reference(cfg.loss_type):
+        make_console(process_state().is_main_process).print(
+            f"note: loss_type {' '.join(cfg.loss_type)} trains without a reference; the rewards here are the "
+            "implicit DPO reward beta * (log pi - log pi_ref) all the same"
+        )
     run_dir = run_folder_of(args.adapter)
-    settings, beta_source = _eval_settings(args, run_dir)
     output = Path(args.output) if args.output else (run_dir / EVAL_FILE if run_dir is not None else None)
     if output is not None:
         ensure_writable(output.resolve().parent, "--output")
-    loaded = load_pairs(args.data, split=args.split, data_format=args.data_format, max_bad_rows=args.max_bad_rows)
-    quant = quantization.from_flags(args)
-    model, tokenizer = load_for_inference(args.model, args.adapter, quant)
+    loaded = load_pairs(
+        args.data,
+        split=cfg.eval_split,
+        data_config=cfg.eval_data_config,
+        data_format=cfg.data_format,
+        options=Options(multi_turn=cfg.multi_turn, min_score_margin=cfg.min_score_margin, columns=cfg.columns),
+        max_bad_rows=cfg.max_bad_rows,
+    )
+    model, tokenizer, quant = load_with_settings(cfg, args.adapter)
+    view.announce("eval")  # once the inputs are known to be good, so that a mistake stays one line
     reference = None
     if args.reference is not None:
-        reference, _ = load_for_inference(args.reference, None, quant)
-    metrics = evaluate_pairs(model, tokenizer, loaded.pairs, settings, reference)
+        reference, _ = load_for_inference(args.reference, None, quant, trust_remote_code=cfg.trust_remote_code)
+    metrics = evaluate_pairs(model, tokenizer, loaded.pairs, cfg, reference)
     result = {
         "data": loaded.source,
         "data_format": loaded.format,
         "bad_rows": len(loaded.bad_rows),
         "rows_dropped": loaded.counts,
-        "model": args.model or adapter_base_model(args.adapter),
+        "model": cfg.model_name_or_path,
         "adapter": args.adapter,
         "reference": args.reference or "the model with the adapter switched off",
-        "beta_from": beta_source,
+        "loss_type": cfg.loss_type,
+        "beta_from": view.sources["beta"],
+        "settings_from": view.sources,
         "quantization": quant.describe() if quant is not None else None,
         **metrics,
     }

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit import quantization
-from dpokit.config import BUILTIN_MODEL
+from dpokit.config import DPOConfig
 from dpokit.data import Message
 from dpokit.distributed import process_state
 from dpokit.errors import UserError
@@ -595,7 +595,9 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
 
 def run(args: argparse.Namespace) -> int:
     """`dpokit generate`: inputs are checked before any model loads, so mistakes answer at once."""
-    from dpokit.models import base_model_of_adapter, load_adapter, load_model, load_tokenizer
+    from dpokit.inference import tokenizer_with_settings
+    from dpokit.models import load_adapter, load_model
+    from dpokit.settings import resolve
 
     sampling = sampling_from_args(args)
     pairing = PairingSettings(args.pairing, args.min_margin)
@@ -606,13 +608,15 @@ def run(args: argparse.Namespace) -> int:
         if args.limit < 1:
             raise UserError(f"--limit must be at least 1, got {args.limit}")
         items = items[: args.limit]
-    model_name = args.model or (base_model_of_adapter(args.adapter) if args.adapter else BUILTIN_MODEL)
+    view = resolve("generate", args, args.adapter)  # the adapter's base, chat template, ... else the defaults
+    cfg = view.config
+    model_name = cfg.model_name_or_path
     output = Path(args.output)
     _probe_writable(output)
     # another run's file, or nothing left to do: known before loading anything
     done = finished_keys(output, make_provenance(args.judge, model_name, args.adapter, sampling, pairing), False)
     dist = Distribution.from_accelerate()
-    quant = quantization.from_flags(args)
+    quant = quantization.start(cfg, dist.device)
     if all(item.key in done for item in items):
         summary = Summary(output=str(output), prompts=len(items))
         _prompts_to_do(items, done, summary)
@@ -622,12 +626,13 @@ def run(args: argparse.Namespace) -> int:
     judge = load_judge(args.judge, **judge_options)
     try:
         judge.check()  # an endpoint that cannot be reached fails now, before the model loads
-        tokenizer = load_tokenizer(model_name)
-        items = _accepted_prompts(items, tokenizer, args, output)
-        model = load_model(model_name, quantization=quant, device=dist.device)
+        tokenizer = tokenizer_with_settings(cfg, args.adapter)
+        items = _accepted_prompts(items, tokenizer, args.prompts, output, cfg)
+        model = load_model(model_name, quantization=quant, device=dist.device, trust_remote_code=cfg.trust_remote_code)
         if args.adapter:
             model = load_adapter(model, args.adapter)
         model.to(dist.device)
+        view.announce("generate")
         summary = generate_pairs(
             items,
             output,
@@ -639,8 +644,8 @@ def run(args: argparse.Namespace) -> int:
             model_name=model_name,
             adapter=args.adapter,
             distribution=dist,
-            bf16=args.bf16,
-            system_message=args.system_message,
+            bf16=cfg.bf16,
+            system_message=cfg.system_message,
         )
     finally:
         judge.close()
@@ -652,7 +657,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _accepted_prompts(
-    items: list[PromptItem], tokenizer: Any, args: argparse.Namespace, output: Path
+    items: list[PromptItem], tokenizer: Any, source: str, output: Path, cfg: DPOConfig
 ) -> list[PromptItem]:
     """The prompts the chat template accepts; the refused are written beside the output, and more than
     --max-bad-rows of them stop the run before the model loads."""
@@ -661,9 +666,9 @@ def _accepted_prompts(
     refused = check_conversations(
         tokenizer,
         [(item.origin, item.messages) for item in items],
-        args.prompts,
-        system_message=args.system_message,
-        max_bad_rows=args.max_bad_rows,
+        source,
+        system_message=cfg.system_message,
+        max_bad_rows=cfg.max_bad_rows,
         rejected_dir=output.parent,
     )
     if refused:

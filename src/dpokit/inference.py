@@ -10,28 +10,35 @@ from typing import TYPE_CHECKING, Any
 
 from dpokit.distributed import process_state
 from dpokit.errors import UserError
-from dpokit.runs import RUN_CONFIG, adapter_base_model, run_folder_of
+from dpokit.runs import adapter_base_model
 from dpokit.sampling import SamplingSettings
 
 if TYPE_CHECKING:
+    from dpokit.config import DPOConfig
     from dpokit.quantization import Quantization
 
 
 def load_for_inference(
-    model_name: str | None, adapter: str | None, quantization: Quantization | None = None
+    model_name: str | None,
+    adapter: str | None,
+    quantization: Quantization | None = None,
+    *,
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode on this process's device, with the adapter attached when given, the base
-    quantized as it loads with `quantization` (`--load-in-4bit` / `--load-in-8bit`).
+    quantized as it loads with `quantization`.
 
     The tokenizer comes from the adapter folder when training saved one there (it holds the chat template the
-    adapter was trained with), else from the base model with the chat template of the adapter's run, if any.
+    adapter was trained with), else from the base model; `chat_template` (the run's setting, or the flag's)
+    replaces its template.
     """
     from dpokit.models import load_adapter, load_model
 
     model_name = _model_of(model_name, adapter)
-    tokenizer = inference_tokenizer(model_name, adapter)
+    tokenizer = inference_tokenizer(model_name, adapter, chat_template, trust_remote_code)
     device = process_state().device
-    model = load_model(model_name, quantization=quantization, device=device)
+    model = load_model(model_name, quantization=quantization, device=device, trust_remote_code=trust_remote_code)
     if adapter is not None:
         model = load_adapter(model, adapter)
     model.to(device)
@@ -39,23 +46,36 @@ def load_for_inference(
     return model, tokenizer
 
 
-def inference_tokenizer(model_name: str | None, adapter: str | None) -> Any:
+def load_with_settings(cfg: DPOConfig, adapter: str | None) -> tuple[Any, Any, Quantization | None]:
+    """`load_for_inference` as a command's settings say (`dpokit.settings`): their model, chat template and
+    quantization (checked by the probe first); also returns the quantization, for a second model."""
+    from dpokit import quantization
+
+    quant = quantization.start(cfg, process_state().device)
+    model, tokenizer = load_for_inference(
+        cfg.model_name_or_path,
+        adapter,
+        quant,
+        chat_template=cfg.chat_template,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return model, tokenizer, quant
+
+
+def tokenizer_with_settings(cfg: DPOConfig, adapter: str | None) -> Any:
+    """The tokenizer `load_with_settings` gives, without the model: to check prompts before weights load."""
+    return inference_tokenizer(cfg.model_name_or_path, adapter, cfg.chat_template, cfg.trust_remote_code)
+
+
+def inference_tokenizer(
+    model_name: str | None, adapter: str | None, chat_template: str | None = None, trust_remote_code: bool = False
+) -> Any:
     """The tokenizer `load_for_inference` gives, without the model: to check prompts before weights load."""
     from dpokit.models import load_tokenizer
 
     if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
-        return load_tokenizer(str(adapter))
-    return load_tokenizer(_model_of(model_name, adapter), chat_template=_run_chat_template(adapter))
-
-
-def system_message_of(adapter: str | None, given: str | None) -> str:
-    """How answers treat system turns: as `--system-message` says, else as the adapter's run was trained."""
-    from dpokit.config import load_config
-
-    if given is not None:
-        return given
-    run_dir = run_folder_of(adapter)
-    return load_config(run_dir / RUN_CONFIG).system_message if run_dir is not None else "keep"
+        return load_tokenizer(str(adapter), chat_template=chat_template, trust_remote_code=trust_remote_code)
+    return load_tokenizer(_model_of(model_name, adapter), chat_template, trust_remote_code)
 
 
 def check_loadable(model_name: str | None, adapter: str | None) -> None:
@@ -79,14 +99,6 @@ def _model_of(model_name: str | None, adapter: str | None) -> str:
     if adapter is None:
         raise UserError("give --model, or an --adapter whose base model is then used")
     return adapter_base_model(adapter)
-
-
-def _run_chat_template(adapter: str | None) -> str | None:
-    """The `chat_template` override of the run the adapter was trained in, so answers use the training format."""
-    from dpokit.config import load_config
-
-    run_dir = run_folder_of(adapter)
-    return load_config(run_dir / RUN_CONFIG).chat_template if run_dir is not None else None
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:

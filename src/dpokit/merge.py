@@ -18,6 +18,7 @@ from dpokit.errors import RunStopped, UserError
 from dpokit.outputs import ensure_writable
 from dpokit.quantization import adapter_quantization, stored_quantization
 from dpokit.runs import adapter_base_model
+from dpokit.settings import resolve
 
 # Largest |merged - unmerged| logit allowed, relative to the largest |logit|. Merging adds B @ A * scale into each
 # weight in fp32, which reorders float additions only: measured differences are ~1e-6 of the logit scale, so
@@ -55,8 +56,17 @@ def _probe_logits(model: Any, probe: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**probe, use_cache=False).logits.float()
 
 
-def merge_adapter(adapter_dir: str, output_dir: str, model_name: str | None = None, dtype: str = "auto") -> MergeCheck:
-    """Fold the adapter into its base (fp32), check logits on a probe conversation, save in `dtype`.
+def merge_adapter(
+    adapter_dir: str,
+    output_dir: str,
+    model_name: str | None = None,
+    dtype: str = "auto",
+    *,
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+) -> MergeCheck:
+    """Fold the adapter into its base (fp32), check logits on a probe conversation, save in `dtype` with the
+    tokenizer the adapter was trained with (its own, else the base's; `chat_template` replaces its template).
 
     An adapter trained on a quantized base (QLoRA) is merged the same way: into the full-precision base, and checked
     against the adapter on that base; a base stored quantized is refused.
@@ -79,8 +89,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, model_name: str | None = No
         )
     save_dtype = _save_dtype(resolve_model_path(base), dtype)
     has_own_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter_dir if has_own_tokenizer else base)
-    model = load_adapter(load_model(base, dtype=torch.float32), adapter_dir)
+    tokenizer = load_tokenizer(adapter_dir if has_own_tokenizer else base, chat_template, trust_remote_code)
+    model = load_adapter(load_model(base, dtype=torch.float32, trust_remote_code=trust_remote_code), adapter_dir)
     model.eval()
     text = tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=False)
     probe = tokenizer(text, return_tensors="pt", add_special_tokens=False)
@@ -131,7 +141,17 @@ def _save_dtype(base_path: str, dtype: str) -> torch.dtype:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    check = merge_adapter(args.adapter, args.output, args.model, args.dtype)
+    view = resolve("merge", args, args.adapter)  # the base and chat template the adapter was trained with
+    cfg = view.config
+    check = merge_adapter(
+        args.adapter,
+        args.output,
+        cfg.model_name_or_path,
+        args.dtype,
+        chat_template=cfg.chat_template,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    view.announce("merge")
     print(
         f"merged into {args.output}: logits agree with the adapter's (max |diff| {check.max_abs_diff:.2e} <= "
         f"{check.tolerance:.2e})"

@@ -29,8 +29,17 @@ from dpokit.errors import UserError
 from dpokit.runs import PROVENANCE_FILE, RUN_CONFIG, adapter_base_model, run_folder_of
 
 # Flags that keep a shorter name than their key's, the name users know from the commands' first versions.
-FLAG_NAMES = {"model_name_or_path": "--model", "per_device_eval_batch_size": "--batch-size"}
+FLAG_NAMES = {
+    "model_name_or_path": "--model",
+    "per_device_eval_batch_size": "--batch-size",
+    "train_split": "--split",
+    "eval_split": "--split",
+    "train_data_config": "--data-config",
+    "eval_data_config": "--data-config",
+}
 DEFAULTS = "default"
+# Keys of which at most one is on: a flag turning one on turns off the other one a run saved.
+EXCLUSIVE = (("load_in_4bit", "load_in_8bit"),)
 
 
 def view(command: str) -> list[dataclasses.Field]:
@@ -57,14 +66,12 @@ def add_flags(parser: argparse.ArgumentParser, command: str, skip: tuple[str, ..
         tp = _plain(types_[f.name])
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is list:
-            kwargs["nargs"] = "+"
-            kwargs["metavar"] = f.name.upper()
+        elif f.metadata["choices"]:
+            kwargs["choices"] = f.metadata["choices"]
         else:
             kwargs["metavar"] = {int: "N", float: "X"}.get(tp, "TEXT")
-            if f.metadata["choices"]:
-                kwargs["choices"] = f.metadata["choices"]
-                del kwargs["metavar"]
+        if typing.get_origin(tp) is list:
+            kwargs["nargs"] = "+"
         group.add_argument(*names, **kwargs)
 
 
@@ -89,6 +96,13 @@ class Settings:
 
     config: DPOConfig
     sources: dict[str, str]
+
+    def announce(self, title: str) -> None:
+        """Print the view and the source of each value, on stderr, from the main process."""
+        from dpokit.console import make_console
+        from dpokit.distributed import launch_rank
+
+        make_console(launch_rank() == 0).print(f"{title} settings:\n" + "\n".join(self.lines()), markup=False)
 
     def lines(self) -> list[str]:
         """`key = value    source`, one per key of the view."""
@@ -118,24 +132,28 @@ def saved_settings(adapter: str | None) -> tuple[dict[str, Any], str | None]:
 def resolve(command: str, args: argparse.Namespace, adapter: str | None, skip: tuple[str, ...] = ()) -> Settings:
     """The command's settings for a model with `adapter` (or none): defaults, then what training saved, then the
     flags in `args`. Errors name the flag when a flag gave the value, else the file it came from."""
-    types_ = typing.get_type_hints(DPOConfig)
     saved, saved_from = saved_settings(adapter)
-    values: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for f in view(command):
         if f.name in skip:
             continue
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name], sources[f.name] = given, flag_of(f.name)
+        if getattr(args, f.name, None) is not None:
+            given[f.name], sources[f.name] = getattr(args, f.name), flag_of(f.name)
         elif f.name in saved and saved_from is not None:
-            values[f.name], sources[f.name] = coerce(f.name, saved[f.name], types_[f.name]), saved_from
+            given[f.name], sources[f.name] = saved[f.name], saved_from
         else:
             sources[f.name] = DEFAULTS
-    if "model_name_or_path" in sources and sources["model_name_or_path"] == DEFAULTS and adapter is not None:
-        values["model_name_or_path"] = adapter_base_model(adapter)  # dpokit.json's base, else adapter_config.json's
+    for pair in EXCLUSIVE:
+        for key, other in (pair, pair[::-1]):
+            if given.get(key) is True and sources.get(key, "").startswith("--") and not sources[other].startswith("--"):
+                given[other], sources[other] = False, f"off: {flag_of(key)}"
+    if sources.get("model_name_or_path") == DEFAULTS and adapter is not None:
+        given["model_name_or_path"] = adapter_base_model(adapter)  # dpokit.json's base, else adapter_config.json's
         sources["model_name_or_path"] = str(Path(adapter))
+    types_ = typing.get_type_hints(DPOConfig)
     try:
+        values = {key: coerce(key, value, types_[key]) for key, value in given.items()}
         return Settings(DPOConfig(**values), sources)
     except UserError as e:
         raise UserError(_name_source(str(e), sources)) from None
