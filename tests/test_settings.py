@@ -86,9 +86,22 @@ def test_a_bad_flag_value_names_the_flag(trained: dict[str, Any], capsys: pytest
     assert err == ["dpokit: error: --max-length 1: must be at least 2 tokens"]
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return dict(sub.choices) if sub is not None else {}
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser, by the name keys use for it: `eval`, `data inspect`, ..."""
+    commands = {}
+    for name, parser in _subparsers(build_parser()).items():
+        commands[name] = parser
+        commands.update({f"{name} {sub}": p for sub, p in _subparsers(parser).items()})
+    return commands
+
+
 def _subparser(name: str) -> argparse.ArgumentParser:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices[name]
+    return _commands()[name]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -110,11 +123,6 @@ def test_every_flag_of_a_shared_key_comes_from_its_declaration(command: str) -> 
 
 
 def test_keys_name_only_commands_that_exist() -> None:
-    commands = set(_subparser_names())
+    commands = set(_commands())
     for f in keys():
         assert set(f.metadata["used_by"]) <= commands, f.name
-
-
-def _subparser_names() -> list[str]:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return list(sub.choices)

@@ -198,7 +198,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         default=0.1,
         help="share (below 1) or number of pairs held out for testing, whole prompts at a time (default 0.1)",
     )
-    prepare.add_argument("--seed", type=int, default=42, help="seed of the train/test split (default 42)")
+    prepare.add_argument(
+        "--seed", dest="split_seed", type=int, default=42, help="seed of the train/test split (default 42)"
+    )
     limit = prepare.add_mutually_exclusive_group()
     limit.add_argument(
         "--max-length",
@@ -308,7 +310,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", dest="sampling_seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="answers generated per forward batch (default 16)")
     p.add_argument("--judge", required=True, help="judge spec (see above)")
     p.add_argument(
@@ -375,7 +377,11 @@ def _add_answering_options(p: argparse.ArgumentParser, temperature: float, max_n
         "--max-new-tokens", type=int, default=max_new_tokens, help=f"longest answer (default {max_new_tokens})"
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="sampling seed; compare also seeds its bootstrap with it (default 0)"
+        "--seed",
+        dest="sampling_seed",
+        type=int,
+        default=0,
+        help="sampling seed; compare also seeds its bootstrap with it (default 0)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
 

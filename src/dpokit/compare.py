@@ -477,7 +477,7 @@ def run_compare(args: argparse.Namespace) -> int:
             settings,
             output,
             bf16=views[1].config.bf16,
-            seed=args.seed,
+            seed=args.sampling_seed,
             prompts=prompts,
         )
     finally:

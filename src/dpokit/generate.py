@@ -588,7 +588,7 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
         temperature=args.temperature,
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
+        seed=args.sampling_seed,
         batch_size=args.batch_size,
     )
 

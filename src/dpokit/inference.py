@@ -114,6 +114,6 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
         num_samples=1,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
+        seed=args.sampling_seed,
         batch_size=args.batch_size,
     )

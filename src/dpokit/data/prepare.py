@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         pairs = loaded.pairs
     if args.max_length is not None or args.filter_percentile is not None:
         pairs = filter_lengths(pairs, args, removed)
-    train, test = split_by_prompt(pairs, args.test_size, args.seed)
+    train, test = split_by_prompt(pairs, args.test_size, args.split_seed)
     write_jsonl(train_path, train)
     if test:
         write_jsonl(test_path, test)
