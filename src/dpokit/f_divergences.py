@@ -17,7 +17,7 @@ Divergence = Callable[[Tensor], Tensor]
 
 
 def reverse_kl(u: Tensor) -> Tensor:
-    """f'(t) = log t + 1; the constant cancels in the logits, so the score is u itself."""
+    """f'(t) = log t + 1 without the constant, as in DPO's logits and TRL's: the score is u itself."""
     return u
 
 
