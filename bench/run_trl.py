@@ -28,6 +28,8 @@ import argparse  # noqa: E402 - the start time is taken before anything else
 import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -83,6 +85,14 @@ class Phases:
                 phases.sampler.mark(previous)
 
         setattr(owner, attribute, timed)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Time the block as `phase`."""
+        self.sampler.mark(phase)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[phase] = time.perf_counter() - t0
 
 
 def make_callbacks(trainer_callback: type, warmup_steps: int) -> Any:
@@ -171,35 +181,9 @@ def throughput(
     }
 
 
-def run(args: argparse.Namespace, sampler: measure.RssSampler, phases: Phases, work: Path) -> dict[str, Any]:
-    record: dict[str, Any] = {}
-    sampler.mark("imports")
-    t0 = time.perf_counter()
-    import datasets
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer import dpo_trainer
-
-    from dpokit.models import resolve_model_path
-
-    datasets.disable_progress_bars()
-    phases.seconds["imports"] = time.perf_counter() - t0
-
-    sampler.mark("load")
-    t0 = time.perf_counter()
-    model_dir = resolve_model_path(args.model)
-    train_dataset = datasets.load_dataset("json", data_files=args.data, split="train")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    phases.seconds["load"] = time.perf_counter() - t0
-    probe = AutocastProbe(model.model.layers[0].mlp.down_proj, sampler)
-
-    phases.wrap(DPOTrainer, "_prepare_dataset", "tokenize")
-    phases.wrap(dpo_trainer, "hash_module", "model_hash")
-    phases.wrap(DPOTrainer, "_precompute_ref_logps", "reference_pass")
-    config = DPOConfig(
+def trl_settings(args: argparse.Namespace, work: Path, dpo_config: type, lora_config: type) -> tuple[Any, Any]:
+    """The `DPOConfig` and `LoraConfig` a TRL user writes for this configuration."""
+    config = dpo_config(
         output_dir=str(work / "trl-output"),
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
@@ -219,7 +203,7 @@ def run(args: argparse.Namespace, sampler: measure.RssSampler, phases: Phases, w
         seed=args.seed,
         train_sampling_strategy="sequential",
     )
-    peft_config = LoraConfig(
+    peft_config = lora_config(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -227,6 +211,64 @@ def run(args: argparse.Namespace, sampler: measure.RssSampler, phases: Phases, w
         bias="none",
         task_type="CAUSAL_LM",
     )
+    return config, peft_config
+
+
+def record_step0_losses(trainer: Any) -> list[float]:
+    """The list that every training-mode `compute_loss` of step 0 (before any update) appends its loss to."""
+    step0_losses: list[float] = []
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(*a: Any, **kw: Any) -> Any:
+        out = compute_loss(*a, **kw)
+        if trainer.model.training and trainer.state.global_step == 0:
+            step0_losses.append((out[0] if isinstance(out, tuple) else out).item())
+        return out
+
+    trainer.compute_loss = recording_compute_loss
+    return step0_losses
+
+
+def reference_pass(
+    args: argparse.Namespace, lengths: list[measure.PairLengths], shape: measure.ModelShape, seconds: float
+) -> dict[str, Any]:
+    """Throughput of TRL's precomputed reference pass over the whole data set."""
+    batch_size = args.precompute_ref_batch_size or args.batch_size
+    return {
+        "batch_size": batch_size,
+        "pairs_per_s": round(len(lengths) / seconds, 3),
+        "tokens_per_s": round(measure.token_stats(lengths, args.batch_size)["tokens"] / seconds, 1),
+        "padded_tokens": measure.token_stats(lengths, batch_size)["padded_tokens"],
+        "achieved_gflops": round(
+            measure.training_flops(lengths, shape, args.lora_r, backward=False) / seconds / 1e9, 2
+        ),
+    }
+
+
+def run(args: argparse.Namespace, sampler: measure.RssSampler, phases: Phases, work: Path) -> dict[str, Any]:
+    with phases.timed("imports"):
+        import datasets
+        import torch
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+        from trl.trainer import dpo_trainer
+
+        from dpokit.models import resolve_model_path
+
+        datasets.disable_progress_bars()
+
+    with phases.timed("load"):
+        model_dir = resolve_model_path(args.model)
+        train_dataset = datasets.load_dataset("json", data_files=args.data, split="train")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    probe = AutocastProbe(model.model.layers[0].mlp.down_proj, sampler)
+
+    phases.wrap(DPOTrainer, "_prepare_dataset", "tokenize")
+    phases.wrap(dpo_trainer, "hash_module", "model_hash")
+    phases.wrap(DPOTrainer, "_precompute_ref_logps", "reference_pass")
+    config, peft_config = trl_settings(args, work, DPOConfig, LoraConfig)
     clock = make_callbacks(TrainerCallback, args.warmup_steps)
     clock.on_first_step_end = probe.remove
     sampler.mark("trainer_init")
@@ -242,53 +284,28 @@ def run(args: argparse.Namespace, sampler: measure.RssSampler, phases: Phases, w
     init_seconds = time.perf_counter() - t0
     wrapped = ("tokenize", "model_hash", "reference_pass")
     phases.seconds["trainer_init_other"] = init_seconds - sum(phases.seconds.get(k, 0.0) for k in wrapped)
+    step0_losses = record_step0_losses(trainer)
 
-    step0_losses: list[float] = []
-    compute_loss = trainer.compute_loss
-
-    def recording_compute_loss(*a: Any, **kw: Any) -> Any:
-        out = compute_loss(*a, **kw)
-        if trainer.model.training and trainer.state.global_step == 0:
-            step0_losses.append((out[0] if isinstance(out, tuple) else out).item())
-        return out
-
-    trainer.compute_loss = recording_compute_loss
-
-    sampler.mark("train")
-    t0 = time.perf_counter()
-    trainer.train()
-    phases.seconds["train"] = time.perf_counter() - t0
-
-    sampler.mark("save")
-    t0 = time.perf_counter()
+    with phases.timed("train"):
+        trainer.train()
     adapter_dir = work / "adapter"
-    trainer.save_model(str(adapter_dir))
-    phases.seconds["save"] = time.perf_counter() - t0
+    with phases.timed("save"):
+        trainer.save_model(str(adapter_dir))
     saved_at = time.time()
     sampler.mark("after")
 
     # Everything below reads what the run produced; none of it is timed.
-    process_start = psutil.Process().create_time()
-    record["wall_time_s"] = round(saved_at - process_start, 3)
-    record["wall_time_from_script_s"] = round(saved_at - PROCESS_START_WALL, 3)
-    record["phases_s"] = {k: round(v, 3) for k, v in phases.seconds.items()}
-    record["adapter_files"] = sorted(p.name for p in adapter_dir.iterdir())
-
+    record: dict[str, Any] = {
+        "wall_time_s": round(saved_at - psutil.Process().create_time(), 3),
+        "wall_time_from_script_s": round(saved_at - PROCESS_START_WALL, 3),
+        "phases_s": {k: round(v, 3) for k, v in phases.seconds.items()},
+        "adapter_files": sorted(p.name for p in adapter_dir.iterdir()),
+    }
     lengths = pair_lengths(trainer.train_dataset, args.max_length)
     shape = measure.ModelShape.from_config(measure.read_model_config(model_dir))
     record["data_tokens"] = measure.token_stats(lengths, args.batch_size)
-    ref_batch = args.precompute_ref_batch_size or args.batch_size
     if args.precompute_ref:
-        ref_seconds = phases.seconds["reference_pass"]
-        record["reference_pass"] = {
-            "batch_size": ref_batch,
-            "pairs_per_s": round(len(lengths) / ref_seconds, 3),
-            "tokens_per_s": round(record["data_tokens"]["tokens"] / ref_seconds, 1),
-            "padded_tokens": measure.token_stats(lengths, ref_batch)["padded_tokens"],
-            "achieved_gflops": round(
-                measure.training_flops(lengths, shape, args.lora_r, backward=False) / ref_seconds / 1e9, 2
-            ),
-        }
+        record["reference_pass"] = reference_pass(args, lengths, shape, phases.seconds["reference_pass"])
     record["train_loop"] = throughput(clock, lengths, args, shape)
     logged = clock.logs.get(1, {})
     record["step0"] = {

@@ -1,9 +1,10 @@
 """Preference losses: pure functions of per-sequence log-probs.
 
-Every loss takes the four per-sequence log-prob tensors of shape (B,) (summed over response tokens) and returns
-unreduced `(losses, chosen_rewards, rejected_rewards)`, each (B,). Rewards are the implicit DPO rewards
-beta * (log pi - log pi_ref), detached: they are for logging and never carry gradient. Formulas follow TRL 1.16's
-DPOTrainer so that losses and metrics compare one to one; each cites its paper.
+Every loss takes the four per-sequence log-prob tensors `policy_chosen_logps`, `policy_rejected_logps`,
+`reference_chosen_logps` and `reference_rejected_logps`, each (B,) (summed over response tokens), then its settings
+by keyword, and returns unreduced `(losses, chosen_rewards, rejected_rewards)`, each (B,). Rewards are the implicit
+DPO rewards beta * (log pi - log pi_ref), detached: they are for logging and never carry gradient. Formulas follow
+TRL 1.16's DPOTrainer so that losses and metrics compare one to one; each cites its paper.
 
 `preference_loss` combines several of them with weights, as TRL's `loss_type` list with `loss_weights` does (RPO
 is `[sigmoid, sft]`, MPO `[sigmoid, bco_pair, sft]`); every term is averaged over the pairs, so a per-pair sum of
@@ -20,184 +21,172 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpokit.f_divergences import Divergence, divergence, reverse_kl
+
 LossOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-Divergence = Callable[[Tensor], Tensor]
 
 
-def _rewards(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    chosen = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return chosen, rejected
+def _rewards(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """The implicit DPO rewards beta * (log pi - log pi_ref), detached."""
+    return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def _identity(log_ratio: Tensor) -> Tensor:
-    return log_ratio
-
-
-def _logits(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, f: Divergence = _identity) -> torch.Tensor:
+def _preference_logits(chosen_logratios: Tensor, rejected_logratios: Tensor, f: Divergence = reverse_kl) -> Tensor:
     """The DPO log-ratio difference (log pi_c - log ref_c) - (log pi_r - log ref_r); under an f-divergence each
     log-ratio u becomes the score f'(e^u) (f-DPO, Wang et al. 2023, Theorem 1)."""
-    return f(pc - rc) - f(pr - rr)
+    return f(chosen_logratios) - f(rejected_logratios)
 
 
-# --- f-divergences: the score f'(t) of a log-ratio u = log t -------------------------------------------------------
-
-
-def forward_kl(u: Tensor) -> Tensor:
-    """f'(t) = 1 - 1/t."""
-    return 1 - torch.exp(-u)
-
-
-def js_divergence(u: Tensor) -> Tensor:
-    """f'(t) = log(2t / (t + 1)) = log 2 + log sigmoid(u)."""
-    return math.log(2) + F.logsigmoid(u)
-
-
-def alpha_divergence(u: Tensor, alpha: float) -> Tensor:
-    """f'(t) = (t^(alpha-1) - 1) / (alpha - 1); alpha -> 1 is reverse KL. The exponent is clamped at 80, as TRL
-    does, so exp stays finite in fp32."""
-    if abs(alpha - 1.0) < 1e-6:
-        return u
-    t = torch.clamp((alpha - 1.0) * u.float(), max=80.0)
-    return (torch.exp(t) - 1.0).to(u.dtype) / (alpha - 1.0)
-
-
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-
-
-def divergence(name: str, alpha: float = 0.5) -> Divergence:
-    """The score function of f-divergence `name` (one of F_DIVERGENCES)."""
-    table: dict[str, Divergence] = {
-        "reverse_kl": _identity,
-        "forward_kl": forward_kl,
-        "js_divergence": js_divergence,
-        "alpha_divergence": lambda u: alpha_divergence(u, alpha),
-    }
-    return table[name]
+def _length_averaged_logits(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    f: Divergence,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+) -> Tensor:
+    """`_preference_logits` on per-token average log-ratios."""
+    return f(chosen_logratios) / chosen_lengths.clamp(min=1) - f(rejected_logratios) / rejected_lengths.clamp(min=1)
 
 
 # --- the losses --------------------------------------------------------------------------------------------------
 
 
 def sigmoid_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, f: Divergence = _identity, **_: object
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    f: Divergence = reverse_kl,
+    **_: object,
 ) -> LossOutput:
     """DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(beta * logits)."""
-    losses = -F.logsigmoid(beta * _logits(pc, pr, rc, rr, f))
-    return (losses, *_rewards(pc, pr, rc, rr, beta))
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    losses = -F.logsigmoid(beta * _preference_logits(chosen_logratios, rejected_logratios, f))
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 def robust_loss(
-    pc: Tensor,
-    pr: Tensor,
-    rc: Tensor,
-    rr: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
     *,
     beta: float,
     label_smoothing: float,
-    f: Divergence = _identity,
+    f: Divergence = reverse_kl,
     **_: object,
 ) -> LossOutput:
     """Robust DPO (Chowdhury et al. 2024, Eq. 21): unbiased under a label-flip rate `label_smoothing`."""
-    z = beta * _logits(pc, pr, rc, rr, f)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    z = beta * _preference_logits(chosen_logratios, rejected_logratios, f)
     eps = label_smoothing
     losses = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
-    return (losses, *_rewards(pc, pr, rc, rr, beta))
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 def hinge_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, f: Divergence = _identity, **_: object
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    f: Divergence = reverse_kl,
+    **_: object,
 ) -> LossOutput:
     """RSO's hinge loss (Liu et al. 2023, Eq. 9): relu(1 - beta * logits)."""
-    losses = torch.relu(1 - beta * _logits(pc, pr, rc, rr, f))
-    return (losses, *_rewards(pc, pr, rc, rr, beta))
-
-
-def _length_averaged_logits(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, f: Divergence, chosen_lengths: Tensor, rejected_lengths: Tensor
-) -> Tensor:
-    return f(pc - rc) / chosen_lengths.clamp(min=1) - f(pr - rr) / rejected_lengths.clamp(min=1)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    losses = torch.relu(1 - beta * _preference_logits(chosen_logratios, rejected_logratios, f))
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 def ipo_loss(
-    pc: Tensor,
-    pr: Tensor,
-    rc: Tensor,
-    rr: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
     *,
     beta: float,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
-    f: Divergence = _identity,
+    f: Divergence = reverse_kl,
     **_: object,
 ) -> LossOutput:
-    """IPO (Azar et al. 2023, Eq. 17) on per-token average log-ratios, as TRL does: (h - 1/(2 tau))^2, tau = beta."""
-    h = _length_averaged_logits(pc, pr, rc, rr, f, chosen_lengths, rejected_lengths)
-    losses = (h - 1 / (2 * beta)) ** 2
-    return (losses, *_rewards(pc, pr, rc, rr, beta))
+    """IPO (Azar et al. 2023, Eq. 17) on per-token average log-ratios, as TRL does: (h - 1/(2 tau))^2, tau = beta,
+    h the difference of the chosen and rejected per-token average log-ratios."""
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    logits = _length_averaged_logits(chosen_logratios, rejected_logratios, f, chosen_lengths, rejected_lengths)
+    losses = (logits - 1 / (2 * beta)) ** 2
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 def sigmoid_norm_loss(
-    pc: Tensor,
-    pr: Tensor,
-    rc: Tensor,
-    rr: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
     *,
     beta: float,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
-    f: Divergence = _identity,
+    f: Divergence = reverse_kl,
     **_: object,
 ) -> LossOutput:
     """DPO on per-token average log-ratios (TRL's `sigmoid_norm`): -log sigmoid(beta * h), h as in IPO."""
-    h = _length_averaged_logits(pc, pr, rc, rr, f, chosen_lengths, rejected_lengths)
-    losses = -F.logsigmoid(beta * h)
-    return (losses, *_rewards(pc, pr, rc, rr, beta))
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    logits = _length_averaged_logits(chosen_logratios, rejected_logratios, f, chosen_lengths, rejected_lengths)
+    losses = -F.logsigmoid(beta * logits)
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 def exo_pair_loss(
-    pc: Tensor,
-    pr: Tensor,
-    rc: Tensor,
-    rr: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
     *,
     beta: float,
     label_smoothing: float,
-    f: Divergence = _identity,
+    f: Divergence = reverse_kl,
     **_: object,
 ) -> LossOutput:
     """EXO-pref (Ji et al. 2024, Eq. 16) for two responses: KL(p_theta || p_label), p_theta = softmax of the two
     rewards = (sigmoid(z), sigmoid(-z)), p_label = (1 - eps, eps) with eps = `label_smoothing` > 0."""
-    z = beta * _logits(pc, pr, rc, rr, f)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    z = beta * _preference_logits(chosen_logratios, rejected_logratios, f)
     eps = label_smoothing
     chosen_term = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
     rejected_term = torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps))
-    return (chosen_term + rejected_term, *_rewards(pc, pr, rc, rr, beta))
+    return (chosen_term + rejected_term, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 def discopop_loss(
-    pc: Tensor,
-    pr: Tensor,
-    rc: Tensor,
-    rr: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
     *,
     beta: float,
     discopop_tau: float,
-    f: Divergence = _identity,
+    f: Divergence = reverse_kl,
     **_: object,
 ) -> LossOutput:
     """DiscoPOP's log-ratio modulated loss (Chris Lu et al. 2024, Eq. 5): a sigmoid(z / tau) blend of the logistic
     loss -log sigmoid(z) and the exponential loss e^-z, z = beta * logits."""
-    z = beta * _logits(pc, pr, rc, rr, f)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    z = beta * _preference_logits(chosen_logratios, rejected_logratios, f)
     blend = torch.sigmoid(z / discopop_tau)
     losses = -F.logsigmoid(z) * (1 - blend) + torch.exp(-z) * blend
-    return (losses, *_rewards(pc, pr, rc, rr, beta))
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 def _aot(delta: Tensor, beta: float, label_smoothing: float) -> Tensor:
@@ -205,27 +194,47 @@ def _aot(delta: Tensor, beta: float, label_smoothing: float) -> Tensor:
 
 
 def aot_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float, **_: object
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float,
+    **_: object,
 ) -> LossOutput:
     """AOT (Melnyk et al. 2024, Eq. 8, paired): the sorted policy log-ratios log pi_c - log pi_r against the sorted
     reference ones, across the batch. Sorting makes each pair's loss depend on the whole batch."""
-    delta = torch.sort(pc - pr, dim=0)[0] - torch.sort(rc - rr, dim=0)[0]
-    return (_aot(delta, beta, label_smoothing), *_rewards(pc, pr, rc, rr, beta))
+    policy_logratios = policy_chosen_logps - policy_rejected_logps
+    reference_logratios = reference_chosen_logps - reference_rejected_logps
+    delta = torch.sort(policy_logratios, dim=0)[0] - torch.sort(reference_logratios, dim=0)[0]
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    return (_aot(delta, beta, label_smoothing), *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 def aot_unpaired_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float, **_: object
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float,
+    **_: object,
 ) -> LossOutput:
     """AOT unpaired (Melnyk et al. 2024): sorted chosen log-ratios against sorted rejected ones."""
-    delta = torch.sort(pc - rc, dim=0)[0] - torch.sort(pr - rr, dim=0)[0]
-    return (_aot(delta, beta, label_smoothing), *_rewards(pc, pr, rc, rr, beta))
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    delta = torch.sort(chosen_logratios, dim=0)[0] - torch.sort(rejected_logratios, dim=0)[0]
+    return (_aot(delta, beta, label_smoothing), *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 def simpo_loss(
-    pc: Tensor,
-    pr: Tensor,
-    rc: Tensor,
-    rr: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
     *,
     beta: float,
     gamma: float,
@@ -238,10 +247,10 @@ def simpo_loss(
     -log sigmoid(beta * (avg log pi_c - avg log pi_r) - gamma); rewards are beta * avg log pi. The reference
     log-probs are ignored.
     """
-    chosen = pc / chosen_lengths.clamp(min=1)
-    rejected = pr / rejected_lengths.clamp(min=1)
-    losses = -F.logsigmoid(beta * (chosen - rejected) - gamma)
-    return losses, beta * chosen.detach(), beta * rejected.detach()
+    chosen_avg_logps = policy_chosen_logps / chosen_lengths.clamp(min=1)
+    rejected_avg_logps = policy_rejected_logps / rejected_lengths.clamp(min=1)
+    losses = -F.logsigmoid(beta * (chosen_avg_logps - rejected_avg_logps) - gamma)
+    return losses, beta * chosen_avg_logps.detach(), beta * rejected_avg_logps.detach()
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -250,10 +259,10 @@ def log1mexp(x: Tensor) -> Tensor:
 
 
 def orpo_loss(
-    pc: Tensor,
-    pr: Tensor,
-    rc: Tensor,
-    rr: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
     *,
     orpo_alpha: float,
     chosen_lengths: Tensor,
@@ -263,51 +272,100 @@ def orpo_loss(
     """ORPO (Hong et al. 2024, Eqs. 4-7), reference-free: the chosen responses' NLL per token plus
     -alpha * log sigmoid(log odds(y_w) - log odds(y_l)), odds(y) = P / (1 - P) with P the per-token average
     probability. Rewards are alpha * the average log-probs, as TRL's ORPOTrainer logs them."""
-    chosen = pc / chosen_lengths.clamp(min=1)
-    rejected = pr / rejected_lengths.clamp(min=1)
-    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
-    nll = -pc.sum() / chosen_lengths.sum().clamp(min=1)
+    chosen_avg_logps = policy_chosen_logps / chosen_lengths.clamp(min=1)
+    rejected_avg_logps = policy_rejected_logps / rejected_lengths.clamp(min=1)
+    log_odds = (chosen_avg_logps - rejected_avg_logps) - (log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps))
+    nll = -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
     losses = nll - orpo_alpha * F.logsigmoid(log_odds)
-    return losses, orpo_alpha * chosen.detach(), orpo_alpha * rejected.detach()
+    return losses, orpo_alpha * chosen_avg_logps.detach(), orpo_alpha * rejected_avg_logps.detach()
 
 
-def bco_pair_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, **_: object) -> LossOutput:
+def bco_pair_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    **_: object,
+) -> LossOutput:
     """BCO on pairs (Jung et al. 2024), without the running reward shift, as TRL's `bco_pair`."""
-    chosen, rejected = _rewards(pc, pr, rc, rr, beta)
-    losses = -F.logsigmoid(beta * (pc - rc)) - F.logsigmoid(-beta * (pr - rr))
-    return losses, chosen, rejected
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    losses = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
-def nca_pair_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, **_: object) -> LossOutput:
+def nca_pair_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    **_: object,
+) -> LossOutput:
     """NCA (Chen et al. 2024, Eq. 11) on pairs."""
-    zc, zr = beta * (pc - rc), beta * (pr - rr)
-    losses = -F.logsigmoid(zc) - 0.5 * F.logsigmoid(-zc) - 0.5 * F.logsigmoid(-zr)
-    return (losses, *_rewards(pc, pr, rc, rr, beta))
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
+    losses = -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def sppo_hard_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, **_: object) -> LossOutput:
+def sppo_hard_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    **_: object,
+) -> LossOutput:
     """SPPO with hard win probabilities (Wu et al. 2024, Eq. 4.7 with P in {0, 1})."""
-    losses = ((pc - rc) - 0.5 / beta) ** 2 + ((pr - rr) + 0.5 / beta) ** 2
-    return (losses, *_rewards(pc, pr, rc, rr, beta))
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
-def apo_zero_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, **_: object) -> LossOutput:
+def apo_zero_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    **_: object,
+) -> LossOutput:
     """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): raise chosen, lower rejected likelihood."""
-    losses = 1 - torch.sigmoid(beta * (pc - rc)) + torch.sigmoid(beta * (pr - rr))
-    return (losses, *_rewards(pc, pr, rc, rr, beta))
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    losses = 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
-def apo_down_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, **_: object) -> LossOutput:
+def apo_down_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    **_: object,
+) -> LossOutput:
     """APO-down (D'Oosterlinck et al. 2024, Eq. 8): lower both, the rejected more."""
-    losses = torch.sigmoid(beta * (pc - rc)) + 1 - torch.sigmoid(beta * _logits(pc, pr, rc, rr))
-    return (losses, *_rewards(pc, pr, rc, rr, beta))
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    logits = _preference_logits(chosen_logratios, rejected_logratios)
+    losses = torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * logits)
+    return (losses, *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 def sft_loss(
-    pc: Tensor,
-    pr: Tensor,
-    rc: Tensor,
-    rr: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
     *,
     beta: float,
     chosen_lengths: Tensor,
@@ -316,8 +374,11 @@ def sft_loss(
 ) -> LossOutput:
     """The chosen responses' negative log-likelihood per token over the batch (RPO, Pang et al. 2024; TRL's `sft`),
     the same value for every pair. `sft_chosen_logps` are the chosen log-probs before any LD-DPO weighting."""
-    nll = -(pc if sft_chosen_logps is None else sft_chosen_logps).sum() / chosen_lengths.sum().clamp(min=1)
-    return (nll.expand(pc.shape[0]), *_rewards(pc, pr, rc, rr, beta))
+    chosen_logps = policy_chosen_logps if sft_chosen_logps is None else sft_chosen_logps
+    nll = -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    return (nll.expand(policy_chosen_logps.shape[0]), *_rewards(chosen_logratios, rejected_logratios, beta))
 
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {
