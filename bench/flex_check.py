@@ -16,7 +16,7 @@ def check(device: str, tokenizer: Any, model_shape: dict[str, Any]) -> dict[str,
     from dpokit import flex
     from dpokit.data.collate import collate
     from dpokit.data.encode import encode_pairs
-    from dpokit.data.formats import as_text_pair
+    from dpokit.data.rows import as_text_pair
     from dpokit.logprobs import SequenceLogps, sequence_logps_reference
     from dpokit.models import add_lora
 

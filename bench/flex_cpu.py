@@ -34,7 +34,7 @@ def main() -> None:
     from dpokit.config import BUILTIN_MODEL
     from dpokit.data.collate import collate
     from dpokit.data.encode import apply_length_policy, encode_pairs
-    from dpokit.data.formats import as_text_pair
+    from dpokit.data.rows import as_text_pair
     from dpokit.logprobs import SequenceLogps
     from dpokit.models import load_model, load_tokenizer
 

@@ -23,12 +23,6 @@ KNOWN_EDGES: list[str] = [
     "dpokit.data.collate -> dpokit.attention",  # the collator takes `Segment` from the attention kernel module
     "dpokit.attention -> dpokit.flex",  # with the next: `choose` and `apply` reach FlexAttention, which
     "dpokit.flex -> dpokit.attention",  # registers itself through attention's `switch_attention`
-    "dpokit.data.formats -> dpokit.data.dataset_layouts",  # the layouts register on import at the end of
-    "dpokit.data.formats -> dpokit.data.tool_layouts",  # formats.py, and take their types from it
-    "dpokit.data.dataset_layouts -> dpokit.data.formats",
-    "dpokit.data.tool_layouts -> dpokit.data.formats",
-    "dpokit.models -> dpokit.quantization",  # with the next: loading passes the 4-bit settings, and
-    "dpokit.quantization -> dpokit.models",  # quantization asks models whether the device runs bf16
 ]
 
 # Lower layers: the data, the losses and log-probs, the config and errors. They never import a command module.

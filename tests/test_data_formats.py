@@ -10,13 +10,14 @@ import pytest
 
 from dpokit.data import Pair
 from dpokit.data.dataset_layouts import parse_hh
-from dpokit.data.formats import (
+from dpokit.data.formats import FORMATS, get_format
+from dpokit.data.load import load_pairs
+from dpokit.data.rows import (
     CONTRADICTING_SCORES,
     DIFFER_EARLY,
     EMPTY_KEPT,
     EMPTY_RESPONSE,
     EMPTY_TEXT,
-    FORMATS,
     IDENTICAL,
     LAST_TURN_NOT_ASSISTANT,
     MISSING_COLUMN,
@@ -31,11 +32,9 @@ from dpokit.data.formats import (
     Dropped,
     Options,
     RowError,
-    get_format,
     split_texts,
     to_conversational,
 )
-from dpokit.data.load import load_pairs
 from dpokit.errors import UserError
 
 Q, GOOD, BAD, MID = "What is the capital of France?", "Paris.", "Lyon, I think.", "Marseille?"

@@ -150,7 +150,7 @@ def test_vibe_saves_base_and_aligned_answers_in_the_run_folder(
 
 
 def test_autocast_follows_the_flag_else_the_hardware() -> None:
-    from dpokit.models import autocast_for, bf16_is_fast
+    from dpokit.devices import autocast_for, bf16_is_fast
 
     cpu = torch.device("cpu")
     with autocast_for(cpu, True):

@@ -11,19 +11,10 @@ import pytest
 from conftest import conversational_rows
 from dpokit.cli import main
 from dpokit.data import Pair
-from dpokit.data.formats import (
-    EMPTY_KEPT,
-    EMPTY_RESPONSE,
-    FORMATS,
-    IDENTICAL,
-    WRONG_TYPE,
-    Adjusted,
-    Options,
-    RowError,
-    find_format,
-)
+from dpokit.data.formats import FORMATS, find_format
 from dpokit.data.load import load_pairs
 from dpokit.data.markers import marker_warning, template_markers
+from dpokit.data.rows import EMPTY_KEPT, EMPTY_RESPONSE, IDENTICAL, WRONG_TYPE, Adjusted, Options, RowError
 from dpokit.errors import UserError
 
 

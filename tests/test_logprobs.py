@@ -10,7 +10,7 @@ from conftest import conversational_rows
 from dpokit import attention
 from dpokit.data.collate import collate
 from dpokit.data.encode import encode_pairs
-from dpokit.data.formats import as_text_pair
+from dpokit.data.rows import as_text_pair
 from dpokit.logprobs import SequenceLogps, head_logps, selective_log_softmax, sequence_logps_reference
 from dpokit.models import add_lora
 from tiny import build_model, build_tokenizer

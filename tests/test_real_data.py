@@ -15,9 +15,9 @@ import pytest
 from conftest import REAL_DATA
 from dpokit.cli import main
 from dpokit.data import Pair
-from dpokit.data.formats import Options, to_conversational
 from dpokit.data.inspect import parse_columns
 from dpokit.data.load import PairReader
+from dpokit.data.rows import Options, to_conversational
 
 PREFERENCE = REAL_DATA / "preference"
 EXPECTED = PREFERENCE / "first_rows.expected.jsonl"

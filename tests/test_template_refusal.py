@@ -23,7 +23,7 @@ from dpokit.data.chat_template import (
     render_chat,
 )
 from dpokit.data.encode import encode_checked, encode_pairs
-from dpokit.data.formats import as_text_pair
+from dpokit.data.rows import as_text_pair
 from dpokit.models import load_tokenizer
 
 # Gemma's shape: no system role, and strictly alternating user/model turns.

@@ -15,7 +15,7 @@ import torch
 from conftest import conversational_rows
 from dpokit.data.collate import collate
 from dpokit.data.encode import encode_pairs
-from dpokit.data.formats import as_text_pair
+from dpokit.data.rows import as_text_pair
 from dpokit.logprobs import SequenceLogps
 from dpokit.losses import preference_loss
 from dpokit.models import load_model, load_tokenizer

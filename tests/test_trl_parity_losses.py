@@ -18,7 +18,7 @@ from conftest import conversational_rows
 from dpokit.config import load_config
 from dpokit.data.collate import collate
 from dpokit.data.encode import encode_pairs
-from dpokit.data.formats import as_text_pair
+from dpokit.data.rows import as_text_pair
 from dpokit.logprobs import SequenceLogps
 from dpokit.models import load_model, load_tokenizer
 from dpokit.train import loss_and_metrics

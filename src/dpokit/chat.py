@@ -14,9 +14,9 @@ from typing import Any
 
 from dpokit.data import Message
 from dpokit.data.chat_template import TemplateRefused, apply_system_message, refusal_fix, refused_row, render_chat
+from dpokit.devices import autocast_for
 from dpokit.errors import UserError
 from dpokit.inference import load_with_settings, sampling_from_args, tokenizer_with_settings
-from dpokit.models import autocast_for
 from dpokit.outputs import ensure_writable, write_jsonl
 from dpokit.questions import Question, answer_questions, check_questions, load_questions
 from dpokit.runs import run_folder_of

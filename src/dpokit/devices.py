@@ -1,6 +1,6 @@
-"""What a training run sets on its device before the first step.
+"""What a device runs fast, and what a training run sets on its device before the first step.
 
-bf16 autocast is chosen in `train.precision` (`models.bf16_is_fast`); here the rest: TF32 matmuls for whatever
+bf16 autocast is chosen in `train.precision` (`bf16_is_fast`); here the rest: TF32 matmuls for whatever
 still runs in fp32 on an Ampere or later GPU (fp32 runs, the fp32 parts of a bf16 run), and a fresh peak-memory
 counter, so `summary.json`'s `peak_memory_mb` is this run's even when one process trains several times.
 """
@@ -8,6 +8,8 @@ counter, so `summary.json`'s `peak_memory_mb` is this run's even when one proces
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 
@@ -33,3 +35,27 @@ def prepare(device: torch.device) -> list[str]:
     name = torch.cuda.get_device_name(device)
     log.info("device %s: %s", name, ", ".join(done) if done else "fp32 matmuls in full precision")
     return done
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on this device: CUDA with bf16 support, or a CPU with AMX / AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    return False
+
+
+def use_bf16(device: torch.device, bf16: bool | None) -> bool:
+    """`bf16` as the user asked, or, when they left it open (None), whether this device runs bf16 fast."""
+    return bf16_is_fast(device) if bf16 is None else bf16
+
+
+def autocast_for(device: torch.device, bf16: bool | None) -> AbstractContextManager:
+    """bf16 autocast on `device` when `use_bf16` says so, else a context that changes nothing. For inference
+    (sampling, scoring); training goes through accelerate's mixed precision."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, bf16))

@@ -26,11 +26,11 @@ from dpokit import settings
 from dpokit.config import DPOConfig
 from dpokit.data import Pair
 from dpokit.data.encode import EncodedPair
+from dpokit.devices import autocast_for
 from dpokit.distributed import process_state
 from dpokit.errors import UserError
 from dpokit.inference import load_for_inference, load_with_settings
 from dpokit.losses import needs_reference
-from dpokit.models import autocast_for
 from dpokit.outputs import ensure_writable, write_atomic
 from dpokit.runs import run_folder_of
 from dpokit.stats import bootstrap_mean_interval
@@ -109,8 +109,8 @@ def evaluate_pairs(
 
 def run_eval(args: argparse.Namespace) -> int:
     from dpokit.console import make_console
-    from dpokit.data.formats import Options
     from dpokit.data.load import load_pairs
+    from dpokit.data.rows import Options
 
     if args.adapter is None and args.reference is None:
         raise UserError(

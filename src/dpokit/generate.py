@@ -411,10 +411,10 @@ def generate_pairs(
     """Make pairs for `items` into `output` (resuming it), and return the counts. The Python face of the command.
 
     `model_name` and `adapter` are the names recorded in each row (the loaded `model` cannot tell its own).
-    `bf16` samples under bf16 autocast; None uses it where the hardware runs it fast (`models.use_bf16`).
+    `bf16` samples under bf16 autocast; None uses it where the hardware runs it fast (`devices.use_bf16`).
     `system_message` keeps, merges or drops system turns before the chat template renders them.
     """
-    from dpokit.models import use_bf16
+    from dpokit.devices import use_bf16
 
     dist = distribution or Distribution()
     output = Path(output)
@@ -496,7 +496,7 @@ def _run_batches(
     dist: Distribution,
     show_progress: bool,
 ) -> Summary:
-    from dpokit.models import autocast_for
+    from dpokit.devices import autocast_for
     from dpokit.sampling import generate_responses
 
     device = next(model.parameters()).device

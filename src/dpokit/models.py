@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -405,27 +405,3 @@ def disable_dropout(model: Any) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 autocast pays on this device: CUDA with bf16 support, or a CPU with AMX / AVX512-BF16."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-    return False
-
-
-def use_bf16(device: torch.device, bf16: bool | None) -> bool:
-    """`bf16` as the user asked, or, when they left it open (None), whether this device runs bf16 fast."""
-    return bf16_is_fast(device) if bf16 is None else bf16
-
-
-def autocast_for(device: torch.device, bf16: bool | None) -> AbstractContextManager:
-    """bf16 autocast on `device` when `use_bf16` says so, else a context that changes nothing. For inference
-    (sampling, scoring); training goes through accelerate's mixed precision."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, bf16))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.data import BadRow, Message
-from dpokit.data.formats import ROLES
+from dpokit.data.rows import ROLES
 from dpokit.data.sources import iter_rows
 from dpokit.errors import UserError
 

@@ -51,7 +51,7 @@ class Quantization:
         device runs bf16 fast: CUDA with bf16, CPUs with AMX or AVX512-BF16), fp32 otherwise."""
         if self.compute_dtype != "auto":
             return self
-        from dpokit.models import use_bf16
+        from dpokit.devices import use_bf16
 
         dtype = "bfloat16" if use_bf16(device, bf16) else "float32"
         return Quantization(self.bits, self.quant_type, self.nested, dtype)

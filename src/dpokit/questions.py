@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpokit.data import Message
+from dpokit.devices import autocast_for
 from dpokit.errors import UserError
-from dpokit.models import autocast_for
 from dpokit.prompts import PromptItem, load_prompts
 from dpokit.sampling import SamplingSettings, generate_responses
 

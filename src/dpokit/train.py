@@ -33,16 +33,15 @@ from dpokit.config import DPOConfig, load_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
 from dpokit.data.collate import Batch, collate
 from dpokit.data.encode import EncodedDataset, apply_length_policy, encode_loaded
-from dpokit.data.formats import Options
 from dpokit.data.inspect import dataset_stats
 from dpokit.data.load import load_pairs
 from dpokit.data.markers import template_markers
+from dpokit.data.rows import Options
 from dpokit.errors import RunStopped, UserError
 from dpokit.logprobs import SeqLogps, SequenceLogps
 from dpokit.losses import loss_settings, preference_loss
 from dpokit.models import (
     add_lora,
-    bf16_is_fast,
     cast_frozen_linears,
     compile_layers,
     count_parameters,
@@ -662,7 +661,7 @@ def precision(cfg: DPOConfig) -> str:
     """accelerate's mixed precision: bf16 autocast when asked, or by default where the hardware runs it fast."""
     if cfg.bf16 is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        return "bf16" if bf16_is_fast(device) else "no"
+        return "bf16" if devices.bf16_is_fast(device) else "no"
     return "bf16" if cfg.bf16 else "no"
 
 

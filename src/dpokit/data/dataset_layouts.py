@@ -1,14 +1,14 @@
 """The layouts of public preference datasets: UltraFeedback binarized (argilla's and H4's), Intel's Orca pairs,
 Stack Exchange paired, rated responses (UltraFeedback's raw completions among them) and Anthropic's HH-RLHF
-transcripts. They register themselves in `dpokit.data.formats.FORMATS` ahead of the general TRL layouts."""
+transcripts. `dpokit.data.formats` registers them ahead of the general TRL layouts."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from dpokit.data import Message
-from dpokit.data.formats import (
+from dpokit.data import Message, Pair
+from dpokit.data.rows import (
     CONTRADICTING_SCORES,
     DATASETS,
     MISSING_COLUMN,
@@ -23,20 +23,21 @@ from dpokit.data.formats import (
     Normalized,
     Normalizer,
     Options,
-    Pair,
     RowError,
     as_chat_pair,
     check_messages,
     check_score,
     check_text,
+    collect,
     need_columns,
-    register,
     split_conversations,
     user,
 )
 
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+LAYOUTS: list[tuple[Format, int]] = []  # registered by `dpokit.data.formats`, in this order
 
 
 def parse_hh(text: str, column: str) -> list[Message]:
@@ -197,7 +198,8 @@ def _response_text(item: Any, label: str) -> Any:
     raise RowError(f"{label} must be text, got {type(item).__name__}", WRONG_TYPE)
 
 
-register(
+collect(
+    LAYOUTS,
     Format(
         "ultrafeedback-argilla",
         "UltraFeedback binarized as argilla/ultrafeedback-binarized-preferences-cleaned: conversations with ratings; "
@@ -218,7 +220,8 @@ def _rating_columns(row: dict[str, Any]) -> tuple[str, str]:
     return ("chosen-rating", "rejected-rating") if "chosen-rating" in row else ("chosen_rating", "rejected_rating")
 
 
-register(
+collect(
+    LAYOUTS,
     Format(
         "ultrafeedback-h4",
         "UltraFeedback binarized as HuggingFaceH4/ultrafeedback_binarized: conversations with scores; tied scores "
@@ -230,7 +233,8 @@ register(
     ),
     DATASETS,
 )
-register(
+collect(
+    LAYOUTS,
     Format(
         "orca",
         "Intel/orca_dpo_pairs: a system text (kept as a system message), a question and two answers.",
@@ -241,7 +245,8 @@ register(
     ),
     DATASETS,
 )
-register(
+collect(
+    LAYOUTS,
     Format(
         "stack-exchange",
         "Stack Exchange paired: a question, the preferred answer response_j and the other response_k.",
@@ -252,7 +257,8 @@ register(
     ),
     DATASETS,
 )
-register(
+collect(
+    LAYOUTS,
     Format(
         "rated",
         "A prompt with several scored responses, paired best against worst; ties and gaps not above "
@@ -265,7 +271,8 @@ register(
     ),
     DATASETS,
 )
-register(
+collect(
+    LAYOUTS,
     Format(
         "hh-rlhf",
         "Anthropic HH-RLHF: chosen and rejected transcripts of `\\n\\nHuman:` / `\\n\\nAssistant:` turns, made into "

@@ -23,8 +23,9 @@ from typing import Any
 
 from dpokit.data import BadRow, LoadedPairs, Pair
 from dpokit.data.encode import EncodedPair, PairEncoding, apply_length_policy, encode_checked
-from dpokit.data.formats import EMPTY_RESPONSE, FORMATS, Options
+from dpokit.data.formats import FORMATS
 from dpokit.data.markers import KNOWN_MARKERS, MarkerCount, template_markers
+from dpokit.data.rows import EMPTY_RESPONSE, Options
 from dpokit.errors import UserError
 
 PERCENTILES = (50, 90, 95, 99)

@@ -16,17 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.data import BadRow, LoadedPairs, Pair
-from dpokit.data.formats import (
-    Adjusted,
-    Dropped,
-    Format,
-    Options,
-    RowError,
-    find_format,
-    get_format,
-    refused,
-    unknown_format,
-)
+from dpokit.data.formats import find_format, get_format, refused, unknown_format
+from dpokit.data.rows import Adjusted, Dropped, Format, Options, RowError
 from dpokit.data.sources import Row, iter_rows
 from dpokit.errors import UserError
 

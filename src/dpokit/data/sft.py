@@ -29,8 +29,8 @@ from dpokit.data import BadRow, Message
 from dpokit.data.chat_template import TemplateRefused, apply_system_message, check_refusals, refused_row
 from dpokit.data.collate import Batch, TokenSegment, lay_out, pack
 from dpokit.data.encode import common_prefix_length
-from dpokit.data.formats import Options
 from dpokit.data.load import check_bad_rows, load_pairs
+from dpokit.data.rows import Options
 from dpokit.data.sources import iter_rows
 from dpokit.errors import UserError
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dpokit.data import Message
-from dpokit.data.formats import (
+from dpokit.data import Message, Pair
+from dpokit.data.rows import (
     REFUSED,
     TOOLS,
     WRONG_TYPE,
@@ -32,18 +32,19 @@ from dpokit.data.formats import (
     Format,
     Normalizer,
     Options,
-    Pair,
     RowError,
     as_chat_pair,
     as_text_pair,
     check_messages,
     check_text,
+    collect,
     need_columns,
-    register,
     split_conversations,
     user,
 )
 from dpokit.errors import UserError
+
+LAYOUTS: list[tuple[Format, int]] = []  # registered by `dpokit.data.formats`, in this order
 
 
 def _system(row: dict[str, Any]) -> list[Message]:
@@ -242,6 +243,6 @@ REFUSED_LAYOUTS = [
 ]
 
 for _layout in PAIR_LAYOUTS:
-    register(_layout, TOOLS)
+    collect(LAYOUTS, _layout, TOOLS)
 for _layout in REFUSED_LAYOUTS:
-    register(_layout, REFUSED)
+    collect(LAYOUTS, _layout, REFUSED)
