@@ -14,8 +14,8 @@ import pytest
 
 from conftest import REAL_DATA
 from dpokit.cli import main
+from dpokit.config import load_config
 from dpokit.data import Pair
-from dpokit.data.inspect import parse_columns
 from dpokit.data.load import PairReader
 from dpokit.data.rows import Options, to_conversational
 
@@ -114,7 +114,7 @@ def test_inspect_reads_every_row_and_the_first_row_triplet(entry, tmp_path, caps
     stats = json.loads(capsys.readouterr().out)
     assert (stats["format"], stats["bad_rows"]) == (FORMAT_OF[entry["file"]], 0)
     assert stats["pairs"] == stats["rows"] - sum(stats["counts"].get(k, 0) for k in stats["counts"] if "dropped" in k)
-    options = Options(columns=parse_columns(COLUMNS.get(entry["file"])))
+    options = Options(columns=load_config(None, {"columns": COLUMNS.get(entry["file"])}).columns)
     first = next(iter(PairReader(str(path), options=options)))  # what inspect reads
     assert final_texts(to_conversational(first).to_dict()) == expected_conversation(entry)
 

@@ -21,7 +21,7 @@ from dpokit.models import load_tokenizer
 from dpokit.settings import flag_of, view
 from dpokit.train import train
 
-COMMANDS = ("eval", "compare", "vibe", "chat", "generate", "merge")
+COMMANDS = ("eval", "compare", "vibe", "chat", "generate", "merge", "data inspect", "data prepare")
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,19 @@ def test_keys_name_only_commands_that_exist() -> None:
     commands = set(_commands())
     for f in keys():
         assert set(f.metadata["used_by"]) <= commands, f.name
+
+
+def test_data_inspect_reads_a_training_config(
+    trained: dict[str, Any], tiny_model_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--config` gives the data commands training's model, limits and policy; a flag still wins."""
+    config = trained["run"] / "config.yaml"  # the resolved config the run saved
+    argv = ["data", "inspect", str(trained["data"]), "--config", str(config), "--json"]
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out)
+    limits = load_config(config)
+    assert stats["tokenizer"] == str(tiny_model_dir)
+    assert stats["length_limits"]["max_length"] == limits.max_length
+    assert stats["length_limits"]["effects"] == {"dropped: over max_length": 16 - trained["kept"]}
+    assert main([*argv, "--length-policy", "truncate", "--max-length", "4096"]) == 0
+    assert json.loads(capsys.readouterr().out)["length_limits"]["effects"] == {}

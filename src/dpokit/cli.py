@@ -152,26 +152,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "length limits would cut, and quality warnings (identical or empty responses, duplicates, length bias).",
     )
     inspect.add_argument("data", help="file, folder or hub dataset id")
-    inspect.add_argument("--model", default=None, help="tokenizer to count tokens with (default: the built-in model)")
-    _add_data_options(inspect)
-    inspect.add_argument(
-        "--max-length", type=int, default=1024, help="count pairs longer than this many tokens (default 1024)"
-    )
-    inspect.add_argument(
-        "--max-prompt-length", type=int, default=None, help="count prompts longer than this many tokens"
-    )
-    inspect.add_argument(
-        "--truncation-mode",
-        choices=("keep_start", "keep_end"),
-        default="keep_start",
-        help="how training would cut over-long pairs (default keep_start)",
-    )
-    inspect.add_argument(
-        "--length-policy",
-        choices=("truncate", "drop"),
-        default="truncate",
-        help="whether training would truncate over-long pairs or drop them (default truncate)",
-    )
+    _add_data_options(inspect, "data inspect")
     inspect.add_argument("--plot", metavar="FILE.png", help="write token-length histograms here")
     inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
@@ -190,8 +171,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prepare.add_argument(
         "--overwrite", action="store_true", help="replace OUT.jsonl and OUT.test.jsonl if they exist already"
     )
-    prepare.add_argument("--model", default=None, help="tokenizer for length filtering (default: the built-in model)")
-    _add_data_options(prepare)
+    _add_data_options(prepare, "data prepare")
     prepare.add_argument(
         "--test-size",
         type=float,
@@ -201,19 +181,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prepare.add_argument(
         "--seed", dest="split_seed", type=int, default=42, help="seed of the train/test split (default 42)"
     )
-    limit = prepare.add_mutually_exclusive_group()
-    limit.add_argument(
-        "--max-length",
-        type=int,
-        default=None,
-        help="drop pairs whose prompt + longer response exceeds this many tokens",
-    )
-    limit.add_argument(
+    prepare.add_argument(
         "--filter-percentile",
         type=float,
         default=None,
         metavar="P",
-        help="drop pairs whose prompt + longer response exceeds the P-th percentile of lengths (e.g. 95)",
+        help="drop pairs whose prompt + longer response exceeds the P-th percentile of lengths (e.g. 95); "
+        "not with --max-length",
     )
 
     _command(
@@ -225,49 +199,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_data_options(p: argparse.ArgumentParser) -> None:
+def _add_data_options(p: argparse.ArgumentParser, command: str) -> None:
+    """A training config to read the data keys from, and the keys' flags (`dpokit.settings`)."""
     p.add_argument(
-        "--split", default="train", help="split of a hub dataset or of a folder of split files (default train)"
-    )
-    p.add_argument("--data-config", default=None, help="config name of a hub dataset")
-    p.add_argument(
-        "--data-format", default="auto", help="layout of the rows (default auto: detect); see `dpokit data formats`"
-    )
-    p.add_argument(
-        "--columns",
+        "--config",
         default=None,
-        help="column mapping, e.g. '{prompt: question, chosen: good, rejected: bad}'",
+        metavar="CONFIG.yaml",
+        help="a training config: its model, chat template, data and length keys become the defaults",
     )
-    p.add_argument(
-        "--multi-turn",
-        choices=("reject", "trim"),
-        default="reject",
-        help="implicit-prompt rows that differ before the last assistant turn: reject them (default) or trim them back",
-    )
-    p.add_argument(
-        "--min-score-margin",
-        type=float,
-        default=0.0,
-        help="rated responses: a pair needs a score gap of more than this",
-    )
-    p.add_argument(
-        "--max-bad-rows",
-        type=int,
-        default=0,
-        help="bad rows tolerated (all are written with reasons to NAME.rejected.jsonl) before exit code 2 (default 0)",
-    )
-    p.add_argument("--chat-template", default=None, help="Jinja chat template, or a file with one, to use instead")
-    _add_system_message(p, default="keep")
-
-
-def _add_system_message(p: argparse.ArgumentParser, default: str | None) -> None:
-    shown = default or "the run's system_message, else keep"
-    p.add_argument(
-        "--system-message",
-        choices=("keep", "merge", "drop"),
-        default=default,
-        help=f"system turns: keep them, merge them into the next user turn, or drop them (default {shown})",
-    )
+    settings.add_flags(p, command)
 
 
 # --- generate, evaluate, compare, chat, vibe, merge, report ---------------------------------------------------

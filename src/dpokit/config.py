@@ -57,6 +57,7 @@ LOADING = (*ANSWERING, "merge")  # they load a trained model
 SCORING = ("eval",)  # it scores pairs as training does
 DATA = ("data inspect", "data prepare")  # they read and count training data as training would
 READING = (*SCORING, *DATA)  # they read preference pairs as training does
+LENGTHS = (*SCORING, "data inspect")  # they cut or drop over-long pairs as training does
 
 
 def option(
@@ -175,21 +176,21 @@ class DPOConfig:
         None,
         "Longest prompt in tokens; longer prompts keep their end, nearest the response.",
         "data",
-        used_by=READING,
+        used_by=LENGTHS,
     )
     truncation_mode: str = option(
         "keep_start",
         "Which end of an over-long prompt+response survives `max_length`: `keep_start` (TRL's default) or `keep_end`.",
         "data",
         choices=("keep_start", "keep_end"),
-        used_by=READING,
+        used_by=LENGTHS,
     )
     length_policy: str = option(
         "truncate",
         "Rows over the length limits: `truncate` them as above or `drop` them. Both are reported as counts.",
         "data",
         choices=("truncate", "drop"),
-        used_by=READING,
+        used_by=LENGTHS,
     )
 
     # --- training ------------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ FLAG_NAMES = {
     "eval_data_config": "--data-config",
 }
 DEFAULTS = "default"
+# Where a command's default differs from the key's: `data prepare` filters by length only when asked.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"data prepare": {"max_length": None}}
 # Keys of which at most one is on: a flag turning one on turns off the other one a run saved.
 EXCLUSIVE = (("load_in_4bit", "load_in_8bit"),)
 
@@ -62,7 +64,8 @@ def add_flags(parser: argparse.ArgumentParser, command: str, skip: tuple[str, ..
         names = [flag_of(f.name)]
         if names[0] != "--" + f.name.replace("_", "-"):
             names.append("--" + f.name.replace("_", "-"))
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": _help(f)}
+        default = COMMAND_DEFAULTS.get(command, {}).get(f.name, _default(f))
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": _help(f, default)}
         tp = _plain(types_[f.name])
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -81,9 +84,9 @@ def _plain(tp: Any) -> Any:
     return args[0] if typing.get_origin(tp) in (typing.Union, type(int | None)) and len(args) == 1 else tp
 
 
-def _help(f: dataclasses.Field) -> str:
+def _help(f: dataclasses.Field, default: Any) -> str:
     first = re.split(r"(?<=\.) ", f.metadata["help"], maxsplit=1)[0]
-    return f"{first} (key {f.name}; default: the run's, else {_default(f)!r})".replace("%", "%%")
+    return f"{first} (key {f.name}; default: the run's, else {default!r})".replace("%", "%%")
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -110,9 +113,12 @@ class Settings:
         return [f"  {k} = {getattr(self.config, k)!r}".ljust(width + 4) + f"  {src}" for k, src in self.sources.items()]
 
 
-def saved_settings(adapter: str | None) -> tuple[dict[str, Any], str | None]:
+def saved_settings(adapter: str | None, config: str | None = None) -> tuple[dict[str, Any], str | None]:
     """What training saved about an adapter: dpokit.json's settings when it carries them (wherever the adapter now
-    is), else the config.yaml of the run folder it sits in; ({}, None) when neither is there."""
+    is), else the config.yaml of the run folder it sits in; or a training config file given with --config;
+    ({}, None) when there is none."""
+    if config is not None:
+        return read_yaml(config), config
     if adapter is None:
         return {}, None
     provenance = Path(adapter) / PROVENANCE_FILE
@@ -130,9 +136,10 @@ def saved_settings(adapter: str | None) -> tuple[dict[str, Any], str | None]:
 
 
 def resolve(command: str, args: argparse.Namespace, adapter: str | None, skip: tuple[str, ...] = ()) -> Settings:
-    """The command's settings for a model with `adapter` (or none): defaults, then what training saved, then the
-    flags in `args`. Errors name the flag when a flag gave the value, else the file it came from."""
-    saved, saved_from = saved_settings(adapter)
+    """The command's settings for a model with `adapter` (or none): defaults, then what training saved (or the
+    file of `args.config`), then the flags in `args`. Errors name the flag when a flag gave the value, else the file
+    it came from."""
+    saved, saved_from = saved_settings(adapter, getattr(args, "config", None))
     given: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for f in view(command):
@@ -142,6 +149,8 @@ def resolve(command: str, args: argparse.Namespace, adapter: str | None, skip: t
             given[f.name], sources[f.name] = getattr(args, f.name), flag_of(f.name)
         elif f.name in saved and saved_from is not None:
             given[f.name], sources[f.name] = saved[f.name], saved_from
+        elif f.name in COMMAND_DEFAULTS.get(command, {}):
+            given[f.name], sources[f.name] = COMMAND_DEFAULTS[command][f.name], f"default of {command}"
         else:
             sources[f.name] = DEFAULTS
     for pair in EXCLUSIVE:

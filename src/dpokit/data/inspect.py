@@ -21,12 +21,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from dpokit.config import DPOConfig
 from dpokit.data import BadRow, LoadedPairs, Pair
 from dpokit.data.encode import EncodedPair, PairEncoding, apply_length_policy, encode_checked
 from dpokit.data.formats import FORMATS
 from dpokit.data.markers import KNOWN_MARKERS, MarkerCount, template_markers
 from dpokit.data.rows import EMPTY_RESPONSE, Options
 from dpokit.errors import UserError
+from dpokit.settings import resolve
 
 PERCENTILES = (50, 90, 95, 99)
 CHUNK_PAIRS = 512
@@ -256,19 +258,23 @@ def run(args: argparse.Namespace) -> int:
     from dpokit.data.chat_template import bad_rows_error
     from dpokit.data.load import PairReader, write_rejected
 
-    options = options_from_args(args)
-    check_limits(args.max_length, args.max_prompt_length)
+    view = resolve("data inspect", args, None)
+    cfg = view.config
     reader = PairReader(
-        args.data, split=args.split, data_config=args.data_config, data_format=args.data_format, options=options
+        args.data,
+        split=cfg.train_split,
+        data_config=cfg.train_data_config,
+        data_format=cfg.data_format,
+        options=options_of(cfg),
     )
     pair_chunks = chunks(reader, CHUNK_PAIRS)
     first = next(pair_chunks, [])  # a missing or unreadable source fails here, before the tokenizer loads
-    tokenizer, tokenizer_name = tokenizer_from_args(args)
-    limits = (args.max_length, args.max_prompt_length, args.truncation_mode, args.length_policy)
+    tokenizer, tokenizer_name = tokenizer_of(cfg)
+    limits = (cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode, cfg.length_policy)
     lengths = PairLengths(*limits, markers=template_markers(tokenizer))
     encoding = PairEncoding()  # what the chat template refused or changed, summed over the chunks
     for chunk in itertools.chain([first], pair_chunks):
-        chunk_encoding = encode_checked(tokenizer, chunk, system_message=args.system_message)
+        chunk_encoding = encode_checked(tokenizer, chunk, system_message=cfg.system_message)
         lengths.add(chunk_encoding.pairs, chunk_encoding.encoded)
         encoding.add(chunk_encoding)
     bad_rows = reader.bad_rows + encoding.refused
@@ -296,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         write_plot(lengths, args.plot, stats)
     total = encoding.total + len(encoding.refused)
     merge = "--system-message merge"
-    error = bad_rows_error(encoding.refused, bad_rows, total, args.data, rejected_file, args.max_bad_rows, merge)
+    error = bad_rows_error(encoding.refused, bad_rows, total, args.data, rejected_file, cfg.max_bad_rows, merge)
     if error:
         raise error
     if not stats["pairs"]:
@@ -417,53 +423,17 @@ def run_formats(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- arguments shared with `dpokit data prepare` ----------------------------------------------------------------------
+# --- settings shared with `dpokit data prepare` ----------------------------------------------------------------------
 
 
-def options_from_args(args: argparse.Namespace) -> Options:
-    """The normalization options of the data commands, checked as the config checks the same keys."""
-    if args.min_score_margin < 0:
-        raise UserError(f"--min-score-margin {args.min_score_margin:g}: must be 0 or more")
-    if args.max_bad_rows < 0:
-        raise UserError(f"--max-bad-rows {args.max_bad_rows}: must be 0 or more")
-    return Options(
-        multi_turn=args.multi_turn, min_score_margin=args.min_score_margin, columns=parse_columns(args.columns)
-    )
+def options_of(cfg: DPOConfig) -> Options:
+    """How rows become pairs, as training reads them (`multi_turn`, `min_score_margin`, `columns`)."""
+    return Options(multi_turn=cfg.multi_turn, min_score_margin=cfg.min_score_margin, columns=cfg.columns)
 
 
-def parse_columns(text: str | None) -> dict[str, str] | None:
-    """`'{prompt: question, chosen: good, rejected: bad}'` (YAML or JSON) as a mapping, or None."""
-    if text is None:
-        return None
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = None
-    example = "'{prompt: question, chosen: good, rejected: bad}'"
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise UserError(f"--columns {text!r}: expected a mapping like {example}")
-    if not {"chosen", "rejected"} <= set(value) <= {"prompt", "chosen", "rejected", "role", "content"}:
-        raise UserError(
-            f"--columns {text!r}: map chosen, rejected and optionally prompt (and role, content: the fields of "
-            f"your messages), like {example}"
-        )
-    return value
-
-
-def check_limits(max_length: int | None, max_prompt_length: int | None) -> None:
-    if max_length is not None and max_length < 2:
-        raise UserError(f"--max-length {max_length}: must be at least 2 tokens")
-    if max_prompt_length is not None and max_prompt_length < 1:
-        raise UserError(f"--max-prompt-length {max_prompt_length}: must be at least 1")
-    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-        raise UserError(f"--max-prompt-length {max_prompt_length}: must be below --max-length {max_length}")
-
-
-def tokenizer_from_args(args: argparse.Namespace) -> tuple[Any, str]:
-    from dpokit.config import BUILTIN_MODEL
+def tokenizer_of(cfg: DPOConfig) -> tuple[Any, str]:
+    """The tokenizer lengths are counted with, and its name."""
     from dpokit.models import load_tokenizer
 
-    name = args.model or BUILTIN_MODEL
-    return load_tokenizer(name, chat_template=args.chat_template), name
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template, cfg.trust_remote_code)
+    return tokenizer, cfg.model_name_or_path

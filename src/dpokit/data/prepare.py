@@ -22,46 +22,49 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from dpokit.config import DPOConfig
 from dpokit.data import Pair
 from dpokit.data.encode import apply_length_policy, encode_loaded, encode_pairs
-from dpokit.data.inspect import options_from_args, tokenizer_from_args
+from dpokit.data.inspect import options_of, tokenizer_of
 from dpokit.data.load import load_pairs
 from dpokit.data.markers import marker_warning
 from dpokit.data.rows import KEPT_AS_GIVEN as KEPT
 from dpokit.data.rows import to_conversational
 from dpokit.errors import UserError
+from dpokit.settings import DEFAULTS, Settings, resolve
 
 DUPLICATE = "duplicate pairs"
 IDENTICAL = "identical chosen and rejected"
 
 
 def run(args: argparse.Namespace) -> int:
-    options = options_from_args(args)
+    view = resolve("data prepare", args, None)
+    cfg = view.config
     train_path, test_path = output_paths(args.output, args.data, args.overwrite)
-    _check_arguments(args)
+    _check_arguments(args, cfg)
     loaded = load_pairs(
         args.data,
-        split=args.split,
-        data_config=args.data_config,
-        data_format=args.data_format,
-        options=options,
-        max_bad_rows=args.max_bad_rows,
+        split=cfg.train_split,
+        data_config=cfg.train_data_config,
+        data_format=cfg.data_format,
+        options=options_of(cfg),
+        max_bad_rows=cfg.max_bad_rows,
         rejected_dir=train_path.parent,
     )
     removed: Counter[str] = Counter()
     pairs = deduplicate([to_conversational(pair) for pair in loaded.pairs], removed)
-    if checks_template(args):
+    if checks_template(view):
         loaded, _ = encode_loaded(
-            tokenizer_from_args(args)[0],
+            tokenizer_of(cfg)[0],
             dataclasses.replace(loaded, pairs=pairs),
-            system_message=args.system_message,
-            max_bad_rows=args.max_bad_rows,
+            system_message=cfg.system_message,
+            max_bad_rows=cfg.max_bad_rows,
             rejected_dir=train_path.parent,
             merge_setting="--system-message merge",
         )
         pairs = loaded.pairs
-    if args.max_length is not None or args.filter_percentile is not None:
-        pairs = filter_lengths(pairs, args, removed)
+    if cfg.max_length is not None or args.filter_percentile is not None:
+        pairs = filter_lengths(pairs, cfg, args.filter_percentile, removed)
     train, test = split_by_prompt(pairs, args.test_size, args.split_seed)
     write_jsonl(train_path, train)
     if test:
@@ -100,17 +103,19 @@ def output_paths(output: str, source: str, overwrite: bool = False) -> tuple[Pat
     return train_path, test_path
 
 
-def checks_template(args: argparse.Namespace) -> bool:
-    """Whether the triplets are rendered with a chat template before writing: when a model, a template or a
-    system_message policy is named, so rows it refuses are bad rows here rather than at training."""
-    return bool(args.model or args.chat_template or args.system_message != "keep")
+def checks_template(view: Settings) -> bool:
+    """Whether the triplets are rendered with a chat template before writing: when a model or a template is named
+    (by a flag or --config), or system turns are merged or dropped, so rows it refuses are bad rows here rather
+    than at training."""
+    named = any(view.sources[key] != DEFAULTS for key in ("model_name_or_path", "chat_template"))
+    return named or view.config.system_message != "keep"
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
+def _check_arguments(args: argparse.Namespace, cfg: DPOConfig) -> None:
     if args.test_size < 0 or (args.test_size >= 1 and not float(args.test_size).is_integer()):
         raise UserError(f"--test-size {args.test_size:g}: give a share in [0, 1) or a whole number of pairs")
-    if args.max_length is not None and args.max_length < 2:
-        raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
+    if cfg.max_length is not None and args.filter_percentile is not None:
+        raise UserError("--filter-percentile: give it or a max_length (--max-length, --config), not both")
     if args.filter_percentile is not None and not 0 < args.filter_percentile <= 100:
         raise UserError(f"--filter-percentile {args.filter_percentile:g}: must be in (0, 100]")
 
@@ -132,20 +137,20 @@ def deduplicate(pairs: Sequence[Pair], removed: Counter[str]) -> list[Pair]:
     return kept
 
 
-def filter_lengths(pairs: list[Pair], args: argparse.Namespace, removed: Counter[str]) -> list[Pair]:
-    """Drop pairs whose prompt + longer response is over `--max-length` tokens, or over the `--filter-percentile`
-    of those lengths, counted with the model's tokenizer exactly as training counts them."""
+def filter_lengths(pairs: list[Pair], cfg: DPOConfig, percentile: float | None, removed: Counter[str]) -> list[Pair]:
+    """Drop pairs whose prompt + longer response is over `max_length` tokens, or over the `percentile`
+    (`--filter-percentile`) of those lengths, counted with the model's tokenizer exactly as training counts them."""
     import numpy as np
 
-    tokenizer, _ = tokenizer_from_args(args)
+    tokenizer, _ = tokenizer_of(cfg)
     encoded = encode_pairs(tokenizer, pairs)
-    if args.max_length is not None:
-        limit, why = args.max_length, f"over {args.max_length} tokens"
+    if cfg.max_length is not None:
+        limit, why = cfg.max_length, f"over {cfg.max_length} tokens"
     else:
         totals = [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in encoded]
         # lengths are whole tokens: at or below the percentile means at or below its floor
-        limit = math.floor(float(np.percentile(totals, args.filter_percentile)))
-        why = f"over the {args.filter_percentile:g}th length percentile ({limit} tokens)"
+        limit = math.floor(float(np.percentile(totals, percentile)))
+        why = f"over the {percentile:g}th length percentile ({limit} tokens)"
     kept = apply_length_policy(
         encoded, [str(i) for i in range(len(pairs))], max_length=limit, max_prompt_length=None, length_policy="drop"
     )
