@@ -21,7 +21,7 @@ import yaml
 
 from dpokit import config_values
 from dpokit.config_checks import validate, validate_sft
-from dpokit.config_values import coerce, describe_type, parse_overrides, read_yaml
+from dpokit.config_values import coerce, describe_keys, parse_overrides, read_yaml
 from dpokit.errors import UserError
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
@@ -560,25 +560,5 @@ def save_config(cfg: DPOConfig, path: str | os.PathLike) -> None:
 
 
 def describe() -> str:
-    """Every key with its default and meaning, grouped, for `dpokit config`."""
-    lines: list[str] = []
-    group = None
-    types_ = typing.get_type_hints(SFTConfig)
-    for f in dataclasses.fields(SFTConfig):  # every shared and DPO key, then the SFT ones
-        if f.metadata["group"] != group:
-            group = f.metadata["group"]
-            lines.append(f"\n# {group}")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-        lines.append(f"{f.name}: {shown}    # {describe_type(types_[f.name])}")
-        for chunk in _wrap(f.metadata["help"], 100):
-            lines.append(f"    # {chunk}")
-        if f.metadata["choices"]:
-            lines.append(f"    # one of: {', '.join(f.metadata['choices'])}")
-    return "\n".join(lines).lstrip() + "\n"
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width)
+    """Every key with its default and meaning, grouped, for `dpokit config`: the shared and DPO keys, then SFT's."""
+    return describe_keys(SFTConfig)

@@ -35,70 +35,88 @@ def describe_type(tp: Any) -> str:
     return str(tp)
 
 
+class _Bad(ValueError):
+    """A value that is not of the declared type; `coerce` names the key."""
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _Bad
+
+
+def _to_number(kind: type) -> Any:
+    """int or float from a number or its text; never from a bool, and an int only from a whole number."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise _Bad
+        if isinstance(value, str):
+            try:
+                return kind(value.strip())
+            except ValueError:
+                raise _Bad from None
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) or (kind is float and isinstance(value, float)):
+            return kind(value)
+        raise _Bad
+
+    return convert
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise _Bad
+
+
+def _to_mapping(value: Any) -> dict[str, str]:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise _Bad from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise _Bad
+    return dict(value)
+
+
+_CONVERTERS: dict[Any, Any] = {bool: _to_bool, int: _to_number(int), float: _to_number(float), str: _to_str}
+
+
 def coerce(key: str, value: Any, tp: Any) -> Any:
     """Convert `value` (from YAML or a `key=value` string) to the declared type `tp`, or name the key and fail."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
             return None
-        return coerce(key, value, args[0])
-    bad = UserError(f"config key `{key}`: expected {describe_type(tp)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    if origin is list:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list):
-            raise bad
-        (item,) = typing.get_args(tp)
-        if item is str and not all(isinstance(v, str) for v in value):
-            raise bad
-        return [coerce(key, v, item) for v in value]
-    if origin is dict:
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise bad from None
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise bad
-        return dict(value)
-    raise TypeError(f"no conversion for {tp}")
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return coerce(key, value, inner)
+    try:
+        if origin is list:
+            return _to_list(key, value, tp)
+        if origin is dict:
+            return _to_mapping(value)
+        if tp not in _CONVERTERS:
+            raise TypeError(f"no conversion for {tp}")
+        return _CONVERTERS[tp](value)
+    except _Bad:
+        raise UserError(f"config key `{key}`: expected {describe_type(tp)}, got {value!r}") from None
+
+
+def _to_list(key: str, value: Any, tp: Any) -> list[Any]:
+    """A list, or comma-separated text, of the item type."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    (item,) = typing.get_args(tp)
+    if not isinstance(value, list) or (item is str and not all(isinstance(v, str) for v in value)):
+        raise _Bad
+    return [coerce(key, v, item) for v in value]
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -146,3 +164,27 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"config file {p} must be a mapping of key: value, got {type(raw).__name__}")
     return raw
+
+
+def describe_keys(config_class: type) -> str:
+    """Every key of a config dataclass with its default, type, meaning, choices and the commands besides train that
+    read it, grouped, for `dpokit config`."""
+    import dataclasses
+    import textwrap
+
+    lines: list[str] = []
+    group = None
+    types_ = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines.append(f"\n# {group}")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"{f.name}: {shown}    # {describe_type(types_[f.name])}")
+        lines += [f"    # {chunk}" for chunk in textwrap.wrap(f.metadata["help"], 100)]
+        if f.metadata["choices"]:
+            lines.append(f"    # one of: {', '.join(f.metadata['choices'])}")
+        if f.metadata.get("used_by"):
+            lines.append(f"    # also read by: {', '.join(f.metadata['used_by'])}")
+    return "\n".join(lines).lstrip() + "\n"
