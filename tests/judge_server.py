@@ -10,6 +10,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# A question holding one of these words gets this broken answer.
+FAULTS = {
+    "GARBAGE": (200, "text/html", "<html>gateway says hi</html>"),
+    "BADJSON": (200, "application/json", '{"choices": ['),
+    "HTTP500": (500, "application/json", json.dumps({"error": {"message": "overloaded"}})),
+    "DENY": (401, "application/json", json.dumps({"error": {"message": "bad key"}})),
+}
+
 
 class LengthJudgeServer:
     """A chat-completions server on 127.0.0.1 that judges by length, and misbehaves on request.
@@ -62,14 +70,9 @@ class LengthJudgeServer:
                 time.sleep(owner.delay)
                 if "SLOW" in question:
                     time.sleep(1.5)
-                if "GARBAGE" in question:
-                    return self._send(200, "text/html", "<html>gateway says hi</html>")
-                if "BADJSON" in question:
-                    return self._send(200, "application/json", '{"choices": [')
-                if "HTTP500" in question:
-                    return self._send(500, "application/json", json.dumps({"error": {"message": "overloaded"}}))
-                if "DENY" in question:
-                    return self._send(401, "application/json", json.dumps({"error": {"message": "bad key"}}))
+                for word, (status, content_type, text) in FAULTS.items():
+                    if word in question:
+                        return self._send(status, content_type, text)
                 reply = "I like it." if "NOPARSE" in question else self._verdict(question)
                 completion = {
                     "id": "cmpl-1",
