@@ -20,9 +20,9 @@ from dpokit.evaluate import (
     summarize_by_category,
     summarize_games,
 )
+from dpokit.generation import SamplingSettings, generate_responses
 from dpokit.inference import load_for_inference
 from dpokit.questions import Question, load_questions
-from dpokit.sampling import SamplingSettings, generate_responses
 from dpokit.stats import bootstrap_mean_interval
 from evaluate_helpers import make_run, tiny_base
 

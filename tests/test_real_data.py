@@ -16,7 +16,7 @@ from conftest import REAL_DATA
 from dpokit.cli import main
 from dpokit.data import Pair
 from dpokit.data.formats import Options, to_conversational
-from dpokit.data.inspect import parse_columns
+from dpokit.data.inspection import parse_columns
 from dpokit.data.load import PairReader
 
 PREFERENCE = REAL_DATA / "preference"

@@ -42,6 +42,7 @@ from dpokit.data import Message, Pair
 from dpokit.data.encode import EncodedPair
 from dpokit.distributed import process_state
 from dpokit.errors import UserError
+from dpokit.generation import SamplingSettings
 from dpokit.inference import (
     check_loadable,
     inference_tokenizer,
@@ -53,7 +54,6 @@ from dpokit.models import autocast_for
 from dpokit.outputs import ensure_writable, write_atomic, write_jsonl
 from dpokit.questions import Question, answer_questions, check_questions, load_questions
 from dpokit.runs import ADAPTER_DIR_NAME, RUN_CONFIG, adapter_base_model, run_folder_of
-from dpokit.sampling import SamplingSettings
 from dpokit.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, bootstrap_mean_interval
 
 EVAL_FILE = "eval.json"

@@ -4,14 +4,13 @@ model and tokenizer, with the adapter attached and the chat template the adapter
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpokit.distributed import process_state
 from dpokit.errors import UserError
+from dpokit.generation import sampling_from_args as sampling_from_args  # re-exported: compare reads it here
 from dpokit.runs import RUN_CONFIG, adapter_base_model, run_folder_of
-from dpokit.sampling import SamplingSettings
 
 if TYPE_CHECKING:
     from dpokit.quantization import Quantization
@@ -87,21 +86,3 @@ def _run_chat_template(adapter: str | None) -> str | None:
 
     run_dir = run_folder_of(adapter)
     return load_config(run_dir / RUN_CONFIG).chat_template if run_dir is not None else None
-
-
-def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
-    """One greedy or sampled answer per prompt, from the `--temperature`, `--max-new-tokens`, `--seed` and
-    `--batch-size` flags of compare, chat and vibe."""
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    return SamplingSettings(
-        num_samples=1,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )

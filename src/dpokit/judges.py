@@ -542,8 +542,8 @@ class LocalLLMJudge(LLMJudge):
 
     def __init__(self, spec: str, model_name: str, options: JudgeOptions) -> None:
         super().__init__(spec)
+        from dpokit.generation import SamplingSettings
         from dpokit.models import load_model, load_tokenizer
-        from dpokit.sampling import SamplingSettings
 
         self.tokenizer = load_tokenizer(model_name, trust_remote_code=options.trust_remote_code)
         self.model = load_model(model_name, trust_remote_code=options.trust_remote_code)
@@ -552,7 +552,7 @@ class LocalLLMJudge(LLMJudge):
         )
 
     def chat(self, conversations: list[list[Message]], reply_start: str = "") -> list[str | None]:
-        from dpokit.sampling import generate_responses
+        from dpokit.generation import generate_responses
 
         replies = generate_responses(
             self.model, self.tokenizer, conversations, self.settings, answer_prefix=reply_start

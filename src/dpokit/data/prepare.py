@@ -26,7 +26,7 @@ from dpokit.data import Pair
 from dpokit.data.encode import apply_length_policy, encode_loaded, encode_pairs
 from dpokit.data.formats import KEPT_AS_GIVEN as KEPT
 from dpokit.data.formats import to_conversational
-from dpokit.data.inspect import options_from_args, tokenizer_from_args
+from dpokit.data.inspection import options_from_args, tokenizer_from_args
 from dpokit.data.load import load_pairs
 from dpokit.data.markers import marker_warning
 from dpokit.errors import UserError
