@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import UserError
-from dpokit.judges import PairwiseRequest, Verdict
+from dpokit.judge_base import PairwiseRequest
 from dpokit.questions import Question
+from dpokit.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ from dpokit.distributed import gather_in_order, part_path, parts_of, process_sta
 from dpokit.errors import UserError
 from dpokit.generation import SamplingSettings, sampling_from_args
 from dpokit.jsonl import read_jsonl
-from dpokit.judges import Judge, JudgeOptions, judge_options_from_args, load_judge
+from dpokit.judge_base import Judge, JudgeOptions
+from dpokit.judges import judge_options_from_args, load_judge
 from dpokit.outputs import JsonlAppender, ensure_file_writable
 from dpokit.pairing import SKIP_JUDGE, PairingSettings, Summary, judge_batch
 from dpokit.prompts import PromptItem, load_prompts

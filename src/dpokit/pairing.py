@@ -14,7 +14,7 @@ from typing import Any
 
 from dpokit.data import Message
 from dpokit.errors import UserError
-from dpokit.judges import Judge
+from dpokit.judge_base import Judge
 from dpokit.prompts import PromptItem
 
 PAIRINGS = ("best-worst", "best-random")
