@@ -1,6 +1,7 @@
 """Answering conversations with a model: batched generation with left padding and the chat template.
 
-Used by `generate` (several samples per prompt), `compare` and `vibe` (one answer per prompt) and the demo.
+Used by `generate` (several samples per prompt), `compare`, `chat` and `vibe` (one answer per prompt) and the demo,
+which all read their sampling flags through `sampling_from_args`.
 """
 
 from __future__ import annotations
