@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dpokit.errors import UserError
+from dpokit.judge_prompts import PAIRWISE_PROMPT, SCORE_PROMPT, parse_score, parse_verdict, question_text
 from dpokit.judges import load_judge
-from dpokit.verdicts import PAIRWISE_PROMPT, SCORE_PROMPT, parse_score, parse_verdict, question_text
 from judge_server import LengthJudgeServer, free_port
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import REAL_DATA
 from dpokit.cli import main
+from dpokit.judge_prompts import parse_verdict
 from dpokit.mtbench import fastchat_verdict
-from dpokit.verdicts import parse_verdict
 from served_model import ServedModel, serve
 
 pytestmark = pytest.mark.builtin

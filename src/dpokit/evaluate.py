@@ -397,7 +397,7 @@ class OwnPrompts:
 
     def request(self, question: Question, turn: int, answers_a: Sequence[str], answers_b: Sequence[str]) -> Any:
         from dpokit.judge_base import LLMJudge, PairwiseRequest
-        from dpokit.verdicts import PAIRWISE_PROMPT, parse_verdict, question_text
+        from dpokit.judge_prompts import PAIRWISE_PROMPT, parse_verdict, question_text
 
         prompt, answer_a, answer_b = judged_exchange(question, turn, answers_a, answers_b)
         text = PAIRWISE_PROMPT.format(question=question_text(prompt), answer_a=answer_a, answer_b=answer_b)

@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 
 from dpokit.data import Message
 from dpokit.errors import UserError
-from dpokit.verdicts import (
+from dpokit.judge_prompts import (
     PAIRWISE_PROMPT,
     SCORE_PROMPT,
     Verdict,

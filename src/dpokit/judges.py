@@ -24,7 +24,7 @@ worked, a failure is a counted, logged skip. An LLM reply that cannot be parsed 
 endpoint that fails `max_consecutive_failures` requests in a row stops the run.
 
 This module builds judges and holds the local kinds; what every judge shares is in `judge_base`, the prompts and
-the reading of replies in `verdicts`, the endpoint client in `openai_judge`.
+the reading of replies in `judge_prompts`, the endpoint client in `openai_judge`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from typing import Any
 from dpokit.data import Message
 from dpokit.errors import UserError
 from dpokit.judge_base import Judge, JudgeOptions, LLMJudge, ScoringJudge, regroup
+from dpokit.judge_prompts import last_user_text
 from dpokit.openai_judge import openai_judge
-from dpokit.verdicts import last_user_text
 
 
 def load_judge(spec: str, **options: Any) -> Judge:

@@ -23,8 +23,8 @@ from typing import Any
 
 from dpokit.errors import UserError
 from dpokit.judge_base import PairwiseRequest
+from dpokit.judge_prompts import Verdict
 from dpokit.questions import Question
-from dpokit.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 from dpokit.data import Message
 from dpokit.errors import UserError
 from dpokit.judge_base import DEFAULT_API_KEY_ENV, Judge, JudgeOptions, LLMJudge
-from dpokit.verdicts import PAIRWISE_PROMPT
+from dpokit.judge_prompts import PAIRWISE_PROMPT
 
 
 def openai_judge(spec: str, rest: str, options: JudgeOptions) -> Judge:
