@@ -12,9 +12,9 @@ import pytest
 from dpokit.cli import main
 from dpokit.compare import Contestant, compare_models
 from dpokit.errors import UserError
+from dpokit.generation import SamplingSettings, generate_responses
 from dpokit.inference import load_for_inference
 from dpokit.questions import Question, load_questions
-from dpokit.sampling import SamplingSettings, generate_responses
 from dpokit.stats import bootstrap_mean_interval
 from dpokit.verdicts import Game, judge_both_orders, judged_exchange, summarize_by_category, summarize_games
 from evaluate_helpers import make_run, tiny_base

@@ -16,10 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from dpokit.cli import main
-from dpokit.data import inspect as inspect_module
+from dpokit.data import inspection as inspect_module
 from dpokit.data.encode import encode_pairs
 from dpokit.data.formats import FORMATS
-from dpokit.data.inspect import dataset_stats
+from dpokit.data.inspection import dataset_stats
 from dpokit.data.load import PairReader, load_pairs
 from dpokit.models import load_tokenizer
 from tiny import save_tiny

@@ -13,9 +13,9 @@ from dpokit.cli import main
 from dpokit.data.collate import collate
 from dpokit.data.encode import encode_pairs
 from dpokit.data.load import load_pairs
+from dpokit.generation import SamplingSettings, generate_responses
 from dpokit.inference import load_for_inference
 from dpokit.logprobs import sequence_logps_reference
-from dpokit.sampling import SamplingSettings, generate_responses
 from evaluate_helpers import PAIRS, make_run, tiny_base, write_pairs
 
 

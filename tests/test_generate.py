@@ -16,7 +16,10 @@ import pytest
 
 from dpokit.cli import main
 from dpokit.data.load import load_pairs
-from dpokit.generate import (
+from dpokit.distributed import part_path
+from dpokit.judges import load_judge
+from dpokit.onpolicy import merge_parts, skipped_path
+from dpokit.pairing import (
     SKIP_IDENTICAL,
     SKIP_JUDGE,
     SKIP_MARGIN,
@@ -25,12 +28,8 @@ from dpokit.generate import (
     PairingSettings,
     distinct_answers,
     judge_batch,
-    merge_parts,
-    part_path,
     select_pair,
-    skipped_path,
 )
-from dpokit.judges import load_judge
 from dpokit.prompts import PromptItem, load_prompts
 from judge_server import LengthJudgeServer, free_port
 

@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from dpokit.errors import UserError
-from dpokit.judges import (
-    PAIRWISE_PROMPT,
-    SCORE_PROMPT,
-    load_judge,
-    parse_score,
-    parse_verdict,
-    question_text,
-)
+from dpokit.judge_prompts import PAIRWISE_PROMPT, SCORE_PROMPT, parse_score, parse_verdict, question_text
+from dpokit.judges import load_judge
 from judge_server import LengthJudgeServer, free_port
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]

@@ -21,6 +21,7 @@ from conftest import REAL_DATA
 from dpokit.cli import main
 from dpokit.compare import ComparisonRecord, Contestant, comparison_summary, write_comparison
 from dpokit.errors import UserError
+from dpokit.generation import SamplingSettings
 from dpokit.mtbench import (
     MTBenchPrompts,
     answers_for,
@@ -29,7 +30,6 @@ from dpokit.mtbench import (
     load_judge_prompts,
 )
 from dpokit.questions import Question
-from dpokit.sampling import SamplingSettings
 from dpokit.verdicts import Game
 
 REAL = REAL_DATA / "mt_bench"

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REAL_DATA
 from dpokit.cli import main
-from dpokit.judges import parse_verdict
+from dpokit.judge_prompts import parse_verdict
 from dpokit.mtbench import fastchat_verdict
 from served_model import ServedModel, serve
 

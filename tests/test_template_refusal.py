@@ -375,8 +375,8 @@ def test_compare_stops_with_one_line_when_every_question_is_refused(gemma_like, 
 
 
 def test_vibe_and_chat_merge_the_system_turn_as_asked(gemma_like, tmp_path, monkeypatch, capsys):
+    from dpokit.generation import SamplingSettings, generate_responses
     from dpokit.inference import load_for_inference
-    from dpokit.sampling import SamplingSettings, generate_responses
 
     adapter = str(gemma_like["adapter"])
     prompts = gemma_like["root"] / "system_prompts.jsonl"

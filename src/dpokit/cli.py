@@ -146,7 +146,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     inspect = _command(
         data_sub,
         "inspect",
-        "dpokit.data.inspect:run",
+        "dpokit.data.inspection:run",
         "row count, format, token lengths and quality warnings",
         "Print the row count, detected format, token-length percentiles under the model's tokenizer, what the "
         "length limits would cut, and quality warnings (identical or empty responses, duplicates, length bias).",
@@ -193,7 +193,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     _command(
         data_sub,
         "formats",
-        "dpokit.data.inspect:run_formats",
+        "dpokit.data.inspection:run_formats",
         "list the supported data layouts",
         "List every data layout dpokit reads, with the columns it expects.",
     )
@@ -217,7 +217,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = _command(
         sub,
         "generate",
-        "dpokit.generate:run",
+        "dpokit.onpolicy:run",
         "sample answers to prompts and pair the best with the worst",
         "Sample several answers per prompt, score them with a judge and write best-vs-worst pairs, ready for\n"
         "`dpokit train`. Identical answers are judged once; ties and pairs under --min-margin are left out and\n"
@@ -389,7 +389,7 @@ def _add_vibe(sub: argparse._SubParsersAction) -> None:
     p = _command(
         sub,
         "vibe",
-        "dpokit.chat:run_vibe",
+        "dpokit.vibe:run_vibe",
         "base and aligned answers side by side",
         "Answer a few prompts with the base model (adapter off) and with the adapter, print them side by side "
         "and save them as JSONL (default: RUN_DIR/vibe.jsonl of the adapter's run, read by `dpokit report`).",

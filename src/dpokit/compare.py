@@ -27,18 +27,17 @@ import torch
 
 from dpokit import quantization
 from dpokit.config import DPOConfig
-from dpokit.distributed import process_state
+from dpokit.distributed import gather_in_order, process_state, split_for_process
 from dpokit.errors import UserError
+from dpokit.generation import SamplingSettings, sampling_from_args
 from dpokit.inference import (
     check_loadable,
     inference_tokenizer,
     load_for_inference,
-    sampling_from_args,
 )
 from dpokit.outputs import ensure_writable, write_atomic, write_jsonl
 from dpokit.questions import Question, answer_questions, check_questions, load_questions
 from dpokit.runs import ADAPTER_DIR_NAME, adapter_base_model, run_folder_of
-from dpokit.sampling import SamplingSettings
 from dpokit.settings import Settings, resolve
 from dpokit.stats import DEFAULT_RESAMPLES
 from dpokit.verdicts import (
@@ -126,7 +125,8 @@ class OwnPrompts:
         return "dpokit-pair" if turn == 1 else "dpokit-pair-multi-turn"
 
     def request(self, question: Question, turn: int, answers_a: Sequence[str], answers_b: Sequence[str]) -> Any:
-        from dpokit.judges import PAIRWISE_PROMPT, LLMJudge, PairwiseRequest, parse_verdict, question_text
+        from dpokit.judge_base import LLMJudge, PairwiseRequest
+        from dpokit.judge_prompts import PAIRWISE_PROMPT, parse_verdict, question_text
 
         prompt, answer_a, answer_b = judged_exchange(question, turn, answers_a, answers_b)
         text = PAIRWISE_PROMPT.format(question=question_text(prompt), answer_a=answer_a, answer_b=answer_b)
@@ -225,17 +225,15 @@ def compare_models(
     Under `accelerate launch` each process answers and judges its own contiguous share of the questions and
     the main process writes everything, in question order.
     """
-    from accelerate.utils import gather_object
-
     state = process_state()
-    with state.split_between_processes(list(questions)) as shard:
-        records: list[ComparisonRecord] = []
-        if shard:
-            answers_1 = _answers_of(side_1, shard, settings, bf16)
-            answers_2 = _answers_of(side_2, shard, settings, bf16)
-            ids = (side_1.model_id, side_2.model_id)
-            records = play_questions(judge, shard, answers_1, answers_2, ids, prompts)
-    records = gather_object(records)
+    shard, _ = split_for_process(questions, state)
+    records: list[ComparisonRecord] = []
+    if shard:
+        answers_1 = _answers_of(side_1, shard, settings, bf16)
+        answers_2 = _answers_of(side_2, shard, settings, bf16)
+        ids = (side_1.model_id, side_2.model_id)
+        records = play_questions(judge, shard, answers_1, answers_2, ids, prompts)
+    records = gather_in_order(records, state)
     summary: dict[str, Any] = {}
     if state.is_main_process:
         reasons = getattr(judge, "failure_reasons", None)

@@ -6,7 +6,8 @@ Only the main process of a distributed run prints; the others get a console that
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -64,6 +65,26 @@ def progress(console: Any, total: int, start: int = 0, label: str = "", unit: st
             bar.update(task, completed=done, rate=rate_text)
 
         yield update
+
+
+@contextmanager
+def progress_counter(
+    console: Any, total: int, label: str = "", unit: str = "", rate_unit: str = ""
+) -> Iterator[Callable[[int], None]]:
+    """`progress` fed by increments: yields `advance(n)` and shows how many `rate_unit` (else `unit`) per second.
+    Silent on `Quiet` and when there is nothing to count."""
+    if total <= 0:
+        console = Quiet()
+    with progress(console, total, label=label, unit=unit) as update:
+        started = time.perf_counter()
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            update(done, f"{done / max(time.perf_counter() - started, 1e-9):.2f} {rate_unit or unit}/s")
+
+        yield advance
 
 
 @dataclass

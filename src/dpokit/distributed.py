@@ -14,6 +14,9 @@ processes, and only the main process writes it:
     if state.is_main_process:
         write(results)
 
+A command that must not lose work to a kill writes as it goes instead: each process appends to its own part file
+(`part_path`), and the main process merges the parts into the output in the items' order.
+
 The group of processes belongs to whoever created it. Each `dpokit` command runs inside `owned_process_group`,
 which tears down the group the command created before the process exits (gloo's threads still alive at
 interpreter exit abort the process). The library functions here never destroy a group: a notebook or a script
@@ -27,6 +30,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -94,6 +98,16 @@ def gather_in_order(local_results: Sequence[T], state: Any | None = None) -> lis
     if state.num_processes == 1:
         return list(local_results)
     return list(gather_object(list(local_results)))
+
+
+def part_path(path: Path, rank: int) -> Path:
+    """The file beside `path` that process `rank` appends its own rows to, for the main process to merge."""
+    return path.with_name(f"{path.name}.rank{rank}.part")
+
+
+def parts_of(path: Path) -> list[Path]:
+    """The part files of `path` that are on disk (left by a killed run, or not merged yet), by rank."""
+    return sorted(path.parent.glob(f"{path.name}.rank*.part"))
 
 
 def _group_is_open() -> bool:

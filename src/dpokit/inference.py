@@ -4,14 +4,12 @@ model and tokenizer, with the adapter attached and the chat template the adapter
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpokit.distributed import process_state
 from dpokit.errors import UserError
 from dpokit.runs import adapter_base_model
-from dpokit.sampling import SamplingSettings
 
 if TYPE_CHECKING:
     from dpokit.config import DPOConfig
@@ -99,21 +97,3 @@ def _model_of(model_name: str | None, adapter: str | None) -> str:
     if adapter is None:
         raise UserError("give --model, or an --adapter whose base model is then used")
     return adapter_base_model(adapter)
-
-
-def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
-    """One greedy or sampled answer per prompt, from the `--temperature`, `--max-new-tokens`, `--seed` and
-    `--batch-size` flags of compare, chat and vibe."""
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    return SamplingSettings(
-        num_samples=1,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.sampling_seed,
-        batch_size=args.batch_size,
-    )

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import UserError
-from dpokit.judges import PairwiseRequest, Verdict
+from dpokit.judge_base import PairwiseRequest
+from dpokit.judge_prompts import Verdict
 from dpokit.questions import Question
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from typing import Any
 from dpokit.data import Message
 from dpokit.devices import autocast_for
 from dpokit.errors import UserError
+from dpokit.generation import SamplingSettings, generate_responses
 from dpokit.prompts import PromptItem, load_prompts
-from dpokit.sampling import SamplingSettings, generate_responses
 
 log = logging.getLogger(__name__)
 

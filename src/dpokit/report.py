@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import UserError
+from dpokit.jsonl import read_jsonl
 
 REPORT_FILE = "report.html"
 METRICS_FILE = "metrics.jsonl"
@@ -94,38 +95,16 @@ def read_metrics(path: Path, notes: list[str]) -> tuple[Series, Series]:
     """(train, eval) series by metric name; eval names lose their `eval/` prefix. Bad lines are noted."""
     train: Series = {}
     evals: Series = {}
-    rows, bad = _json_rows(path, lambda row: _is_number(row.get("step")))
-    for row in rows:
+    found = read_jsonl(path, lambda row: _is_number(row.get("step")))
+    for row in found.rows:
         for key, value in row.items():
             if key in ("step", "epoch") or not _is_number(value):
                 continue
             target, name = (evals, key[len(EVAL_PREFIX) :]) if key.startswith(EVAL_PREFIX) else (train, key)
             target.setdefault(name, []).append((float(row["step"]), float(value)))
-    if bad:
+    if bad := len(found.bad_lines):
         notes.append(f"{path.name}: {bad} line(s) were not metric rows (JSON objects with a numeric step) and left out")
     return train, evals
-
-
-def _json_rows(path: Path, keep: Callable[[dict[str, Any]], bool]) -> tuple[list[dict[str, Any]], int]:
-    """The JSON-object lines of `path` (if it exists) that `keep` accepts, and how many other non-blank lines
-    it holds."""
-    rows: list[dict[str, Any]] = []
-    bad = 0
-    if not path.is_file():
-        return rows, bad
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and keep(row):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
 
 
 def _why_no_metrics(path: Path, notes: list[str]) -> str:
@@ -171,10 +150,10 @@ def _read_comparisons(run_dir: Path, notes: list[str]) -> list[tuple[str, dict[s
 
 
 def _read_vibe(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    rows, bad = _json_rows(path, lambda row: all(isinstance(row.get(k), str) for k in ("prompt", "base", "aligned")))
-    if bad:
+    found = read_jsonl(path, lambda row: all(isinstance(row.get(k), str) for k in ("prompt", "base", "aligned")))
+    if bad := len(found.bad_lines):
         notes.append(f"{path.name}: {bad} line(s) without prompt, base and aligned texts were left out")
-    return rows
+    return found.rows
 
 
 # --- plots --------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from dpokit.config import DPOConfig, load_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
 from dpokit.data.collate import Batch, collate
 from dpokit.data.encode import EncodedDataset, apply_length_policy, encode_loaded
-from dpokit.data.inspect import dataset_stats
+from dpokit.data.inspection import dataset_stats
 from dpokit.data.load import load_pairs
 from dpokit.data.markers import template_markers
 from dpokit.data.rows import Options
@@ -689,7 +689,12 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def _read_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    """The rows of metrics.jsonl as text. A row cut short by a kill is dropped: its step is logged again on resume."""
+    from dpokit.jsonl import read_jsonl
+
+    found = read_jsonl(path, tail="drop")
+    found.require_clean(path, "a metrics row", "remove that line, or start the run again in a new output_dir")
+    return found.lines
 
 
 def print_header(run: Run, model: Any) -> None:

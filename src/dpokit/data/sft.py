@@ -374,7 +374,7 @@ def length_stats(
     tokens, before the length limits), what the limits did, and the warnings to print."""
     import numpy as np
 
-    from dpokit.data.inspect import _distribution
+    from dpokit.data.inspection import _distribution
 
     total = np.array([ex.num_tokens for ex in encoded])
     trained = np.array([ex.trained_tokens for ex in encoded])

@@ -127,11 +127,11 @@ def run(args: argparse.Namespace) -> int:
 
 def run_demo(output: Path, settings: DemoSettings) -> dict[str, Any]:
     """All five stages into `output`; returns what result.json holds."""
-    from dpokit.generate import read_rows
+    from dpokit.generation import SamplingSettings
     from dpokit.inference import load_for_inference
+    from dpokit.onpolicy import read_rows
     from dpokit.questions import load_questions
     from dpokit.report import write_report
-    from dpokit.sampling import SamplingSettings
 
     started = time.perf_counter()
     where = prepare_folder(output, settings)
@@ -210,7 +210,7 @@ def prepare_folder(output: Path, settings: DemoSettings) -> Layout:
     if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
         names = ", ".join(sorted(p.name for p in output.iterdir())[:3])
         raise UserError(f"--output {output} holds other files ({names}); choose a new or empty folder")
-    from dpokit.generate import skipped_path
+    from dpokit.onpolicy import skipped_path
 
     where = Layout(output)
     marker = output / MARKER
@@ -242,10 +242,11 @@ def write_prompts(where: Layout, settings: DemoSettings) -> None:
 
 def make_pairs(where: Layout, settings: DemoSettings, model: Any, tokenizer: Any) -> Any:
     """Stage 1, as `dpokit generate --judge python:dpokit.demo.task:judge` runs it."""
-    from dpokit.generate import PairingSettings, generate_pairs, read_rows, skipped_path
+    from dpokit.generation import SamplingSettings
     from dpokit.judges import load_judge
+    from dpokit.onpolicy import generate_pairs, read_rows, skipped_path
+    from dpokit.pairing import PairingSettings
     from dpokit.prompts import load_prompts
-    from dpokit.sampling import SamplingSettings
 
     sampling = SamplingSettings(
         num_samples=settings.samples,
@@ -276,10 +277,12 @@ def make_pairs(where: Layout, settings: DemoSettings, model: Any, tokenizer: Any
 
 def answer(model: Any, tokenizer: Any, questions: list[Any], greedy: Any, label: str) -> list[list[str]]:
     """Greedy answers to the held-out prompts, as `dpokit compare` makes them, with a progress bar."""
-    from dpokit.generate import ProgressBar
+    from dpokit.console import make_console, progress_counter
     from dpokit.questions import answer_questions
 
-    with ProgressBar(len(questions), visible=True, label=label) as advance:
+    with progress_counter(
+        make_console(), len(questions), label=label, unit="answers", rate_unit="responses"
+    ) as advance:
         return answer_questions(model, tokenizer, questions, greedy, on_batch=advance)
 
 

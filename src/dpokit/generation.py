@@ -1,10 +1,13 @@
 """Answering conversations with a model: batched generation with left padding and the chat template.
 
-Used by `generate` (several samples per prompt), `compare` and `vibe` (one answer per prompt) and the demo.
+Used by `generate` (several samples per prompt), `compare`, `chat` and `vibe` (one answer per prompt) and the demo,
+which all read their sampling flags through `sampling_from_args`.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +15,9 @@ from typing import Any
 import torch
 
 from dpokit.data import Message
+from dpokit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,41 @@ class SamplingSettings:
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
         }
+
+
+def sampling_from_args(args: argparse.Namespace, several: bool = False) -> SamplingSettings:
+    """The sampling flags of a parsed command line: `--temperature`, `--max-new-tokens`, `--seed`, `--batch-size`,
+    and with `several` (`generate`: several sampled answers per prompt) `--num-samples` and `--top-p`; without it
+    one answer per prompt (`compare`, `chat`, `vibe`)."""
+    checks = [
+        ("--temperature", args.temperature >= 0, "0 (greedy) or more"),
+        ("--max-new-tokens", args.max_new_tokens >= 1, "at least 1"),
+        ("--batch-size", args.batch_size >= 1, "at least 1"),
+    ]
+    if several:  # only generate has these flags
+        checks[:0] = [("--num-samples", args.num_samples >= 2, "at least 2 (a pair needs two answers)")]
+        checks[2:2] = [("--top-p", 0 < args.top_p <= 1, "in (0, 1]")]
+    for flag, ok, what in checks:
+        if not ok:
+            raise UserError(f"{flag} must be {what}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    if not several:
+        return SamplingSettings(
+            num_samples=1,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.sampling_seed,
+            batch_size=args.batch_size,
+        )
+    if args.temperature == 0:
+        log.warning("generate: --temperature 0 is greedy, so all answers to a prompt will be the same")
+    return SamplingSettings(
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.sampling_seed,
+        batch_size=args.batch_size,
+    )
 
 
 @torch.no_grad()
