@@ -37,8 +37,6 @@ COMMANDS = (
     "dpokit.onpolicy",
     "dpokit.chat",
     "dpokit.vibe",
-    "dpokit.data.inspection",
-    "dpokit.data.prepare",
     "dpokit.merge",
     "dpokit.report",
     "dpokit.demo",
