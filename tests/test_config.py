@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from dpokit.cli import main
-from dpokit.config import DPOConfig, describe, keys, load_config, save_config
+from dpokit.config import DPOConfig, keys, load_config, save_config
 from dpokit.errors import UserError
+from dpokit.sft_config import describe
 
 TRL_KEYS = """
     model_name_or_path train_data eval_data output_dir learning_rate per_device_train_batch_size

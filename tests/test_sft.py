@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 from conftest import conversational_rows, write_jsonl
 from dpokit.cli import main
-from dpokit.config import load_sft_config
 from dpokit.data.sft import Example, collate_examples, encode_example
 from dpokit.errors import UserError
 from dpokit.logprobs import SequenceLogps
 from dpokit.models import load_model, load_tokenizer
 from dpokit.sft import sft
+from dpokit.sft_config import load_sft_config
 
 trl = pytest.importorskip("trl")
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from dpokit.config import load_config, load_sft_config
+from dpokit.config import load_config
 from dpokit.errors import UserError
+from dpokit.sft_config import load_sft_config
 from dpokit.trackers import flat_config, mlflow_uri
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

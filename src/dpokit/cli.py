@@ -118,10 +118,10 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 
 
 def run_config(args: argparse.Namespace) -> int:
-    from dpokit import config
+    from dpokit import config, sft_config
 
     if not args.settings:
-        print(config.describe(), end="")
+        print(sft_config.describe(), end="")
         return 0
     path, overrides = config.split_settings(args.settings)
     cfg = config.load_config(path, overrides)

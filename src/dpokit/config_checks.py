@@ -11,7 +11,8 @@ from dpokit.config_values import coerce
 from dpokit.errors import UserError
 
 if TYPE_CHECKING:
-    from dpokit.config import DPOConfig, SFTConfig
+    from dpokit.config import DPOConfig
+    from dpokit.sft_config import SFTConfig
 
 
 def validate(cfg: DPOConfig) -> None:

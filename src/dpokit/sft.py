@@ -25,7 +25,6 @@ import torch
 
 from dpokit import checkpoint as ckpt
 from dpokit import engines, quantization, trackers
-from dpokit.config import SFTConfig, load_sft_config
 from dpokit.console import StopRequest, make_console, progress, stop_signals
 from dpokit.data.collate import Batch
 from dpokit.data.sft import SFTData, collate_examples, load_sft_data, pack_examples
@@ -33,6 +32,7 @@ from dpokit.errors import RunStopped, UserError
 from dpokit.logprobs import SequenceLogps
 from dpokit.models import count_parameters, load_tokenizer
 from dpokit.runs import PROVENANCE_FILE
+from dpokit.sft_config import SFTConfig, load_sft_config
 from dpokit.train import (
     MetricWindow,
     Schedule,
@@ -51,7 +51,7 @@ from dpokit.train import (
 
 def run(args: argparse.Namespace) -> int:
     """`dpokit sft [CONFIG.yaml] [key=value ...]`."""
-    from dpokit.config import split_settings
+    from dpokit.sft_config import split_settings
 
     path, overrides = split_settings(args.settings)
     try:
