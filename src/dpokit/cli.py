@@ -1,8 +1,8 @@
 """The `dpokit` command line.
 
 Each command is a parser (built in `dpokit.commands`) and a `run(args) -> int` function in the module that does
-the work, imported only when the command runs, so `--help` and input errors answer at once. A `UserError` prints one line and exits with
-code 2; `--debug` shows the traceback instead.
+the work, imported only when the command runs, so `--help` and input errors answer at once. A `UserError` prints
+one line and exits with code 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
