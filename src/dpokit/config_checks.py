@@ -15,6 +15,20 @@ if TYPE_CHECKING:
     from dpokit.sft_config import SFTConfig
 
 
+def _check_types(cfg: DPOConfig) -> None:
+    """Each value of the declared type (a value set from Python too) and among the key's choices."""
+    types_ = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if f.metadata["group"] == "sft":
+            continue  # `validate_sft` checks those
+        value = getattr(cfg, f.name)
+        coerce(f.name, value, types_[f.name])
+        choices = f.metadata["choices"]
+        for item in value if isinstance(value, list) else [value]:
+            if choices and item not in choices:
+                raise UserError(f"config key `{f.name}` = {item!r}: must be one of {', '.join(choices)}")
+
+
 def validate(cfg: DPOConfig) -> None:
     """Check every value against its meaning. Raises `UserError` naming the first bad key."""
 
@@ -22,16 +36,7 @@ def validate(cfg: DPOConfig) -> None:
         if not ok:
             raise UserError(f"config key `{key}` = {getattr(cfg, key)!r}: {why}")
 
-    types_ = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        if f.metadata["group"] == "sft":
-            continue  # `validate_sft` checks those
-        value = getattr(cfg, f.name)
-        coerce(f.name, value, types_[f.name])  # a value set from Python must have the declared type too
-        choices = f.metadata["choices"]
-        for item in value if isinstance(value, list) else [value]:
-            if choices and item not in choices:
-                raise UserError(f"config key `{f.name}` = {item!r}: must be one of {', '.join(choices)}")
+    _check_types(cfg)
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         need(getattr(cfg, key) >= 1, key, "must be at least 1")
     for key in ("logging_steps", "lora_r", "lora_alpha", "logits_chunk_size"):
