@@ -362,7 +362,7 @@ TWO_PROCESS_SCRIPT = """
 import sys
 from pathlib import Path
 
-from dpokit.distributed import close_process_group
+from dpokit.distributed import exit_process
 from dpokit.compare import Contestant, compare_models
 from dpokit.questions import load_questions
 from test_compare import SETTINGS, LengthJudge
@@ -370,7 +370,7 @@ from test_compare import SETTINGS, LengthJudge
 base, adapter, prompts, output = sys.argv[1:5]
 sides = Contestant(base, None, "base"), Contestant(None, adapter, "aligned")
 compare_models(*sides, load_questions(prompts), LengthJudge(), SETTINGS, Path(output), bf16=False)
-close_process_group()  # compare_models leaves the group to its caller, this script
+exit_process(0)  # compare_models leaves the group to its caller, this script: it closes it and ends
 """
 
 

@@ -41,18 +41,19 @@ TRAIN_DRIVER = """
 import json, sys
 from dpokit.cli import main
 from dpokit.config import load_config
+from dpokit.distributed import exit_process
 from dpokit.train import train
 
 *first, last = json.loads(sys.argv[1])
 for keys in first:
     train(load_config(None, keys))  # the Python API: several runs in the same processes
-sys.exit(main(["train", *last]))  # the command, which closes the group of processes when done
+exit_process(main(["train", *last]))  # the command closes the group of processes; the process ends as dpokit's
 """
 
 HELPER_DRIVER = """
 import json, sys
 from pathlib import Path
-from dpokit.distributed import close_process_group, gather_in_order, process_state, split_for_process
+from dpokit.distributed import exit_process, gather_in_order, process_state, split_for_process
 
 state = process_state()
 found = {}
@@ -63,7 +64,7 @@ for n in (0, 1, 5, 6):
     found[n] = {"mine": mine, "start": start, "merged": gather_in_order(answers, state)}
 record = {"rank": state.process_index, "processes": state.num_processes, "found": found}
 Path(sys.argv[1], f"rank-{state.process_index}.json").write_text(json.dumps(record))
-close_process_group()  # the script created the group: gloo's threads must not outlive the interpreter
+exit_process(0)  # the script created the group: it closes it and ends as a launched dpokit process does
 """
 
 
@@ -327,3 +328,22 @@ def test_a_group_open_before_belongs_to_its_creator(tmp_path: Path) -> None:
     finally:
         close_process_group()
     assert not torch.distributed.is_initialized()
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+from dpokit.distributed import exit_process
+atexit.register(lambda: print("teardown ran"))
+print("work done", end="")  # unflushed: exit_process must flush it
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_flushes_and_keeps_the_code(world_size: str) -> None:
+    """Alone, a process exits as usual (atexit runs); launched as one of several it skips the interpreter's
+    teardown, where native threads abort the process, and still flushes its output and keeps its exit code."""
+    env = {**os.environ, "PYTHONPATH": SRC, "WORLD_SIZE": world_size}
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert done.stdout == ("work doneteardown ran\n" if world_size == "1" else "work done")

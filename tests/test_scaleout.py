@@ -54,12 +54,13 @@ DRIVER = """
 import json, sys
 from dpokit.cli import main
 from dpokit.config import load_config
+from dpokit.distributed import exit_process
 from dpokit.train import train
 
 *first, last = json.loads(sys.argv[1])
 for keys in first:
     train(load_config(None, keys))  # the Python API: several runs in the same processes
-sys.exit(main(["train", *last]))  # the command, which closes the group of processes when done
+exit_process(main(["train", *last]))  # the command closes the group of processes; the process ends as dpokit's
 """
 
 

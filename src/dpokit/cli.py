@@ -117,6 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `dpokit` program: `main` on the command line's arguments, then the process ends with its exit code
+    (`dpokit.distributed.exit_process`)."""
+    from dpokit.distributed import exit_process
+
+    exit_process(main())
+
+
 def _say(line: str) -> None:
     """The one line a failed run ends with, on stderr, once: every process of a launch fails alike and exits with
     the same code, but only the main process prints."""
@@ -127,4 +135,4 @@ def _say(line: str) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -20,18 +20,20 @@ A command that must not lose work to a kill writes as it goes instead: each proc
 The group of processes belongs to whoever created it. Each `dpokit` command runs inside `owned_process_group`,
 which tears down the group the command created before the process exits (gloo's threads still alive at
 interpreter exit abort the process). The library functions here never destroy a group: a notebook or a script
-that calls them and started the group itself closes it with `close_process_group()`.
+that calls them and started the group itself closes it with `close_process_group()`. A process launched as one of
+several ends through `exit_process`, as `python -m dpokit` and the `dpokit` script do.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -137,3 +139,22 @@ def owned_process_group() -> Iterator[None]:
     finally:
         if not opened_before:
             close_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code`. One process alone exits as usual. A process launched as one of several
+    (WORLD_SIZE > 1), its group closed, flushes its output and logs and leaves without the interpreter's teardown:
+    there, native threads of gloo and DeepSpeed whose Python owners are freed in no fixed order abort the process
+    ("terminate called without an active exception", exit code -6) after its work is done and saved, as a
+    DeepSpeed ZeRO-3 run under `accelerate launch` did about once in 300 runs even with the group closed.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    close_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stream has nothing left to write
+    os._exit(code)
