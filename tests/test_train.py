@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from conftest import conversational_rows, write_jsonl
 from dpokit.cli import main
 from dpokit.config import load_config
-from dpokit.train import Schedule, shard, train
+from dpokit.schedule import Schedule, shard
+from dpokit.train import train
 
 REQUIRED = {
     "step",

@@ -222,10 +222,10 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_reference(acc: Any, engine: Engine, live: Any, policy: Any) -> None:
+def shard_reference(acc: Any, engine: Engine, module: Any, policy: Any) -> None:
     """A frozen copy of the starting weights (full fine-tuning without precomputation) is sharded like the policy."""
-    if engine.kind == "fsdp2" and live is not None and live.module is not policy:
-        shard_fsdp2(live.module, acc.device.type)
+    if engine.kind == "fsdp2" and module is not None and module is not policy:
+        shard_fsdp2(module, acc.device.type)
 
 
 def shard_fsdp2(policy: Any, device_type: str, optimizer: torch.optim.Optimizer | None = None) -> None:
