@@ -63,13 +63,20 @@ class PrecomputedReference:
 
 @contextmanager
 def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """`module` in eval mode inside, back in the mode it had after: the policy trains between reference passes."""
-    was_training = module.training
+    """`module` in eval mode inside (no dropout), every submodule back in its own mode after: the policy trains
+    between reference passes. Quantized layers keep their mode: bitsandbytes picks its kernel by it (on CPU an
+    8-bit layer in train mode dequantizes and runs the float matmul), and the reference must compute what the
+    policy computes."""
+    modes = {m: m.training for m in module.modules()}
     module.eval()
+    for m, training in modes.items():
+        if type(m).__module__.startswith("bitsandbytes"):
+            m.training = training
     try:
         yield
     finally:
-        module.train(was_training)
+        for m, training in modes.items():
+            m.training = training
 
 
 class LiveReference:
