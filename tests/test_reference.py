@@ -91,7 +91,11 @@ def test_reference_logps_are_the_same_in_every_strategy_with_dropout_on(
         expected = sequence_logps_reference(model, collate([plain.pairs[i] for i in indices], tokenizer.pad_token_id))
     for name, logps in got.items():
         torch.testing.assert_close(
-            logps, torch.stack([expected.chosen, expected.rejected]), atol=1e-5, rtol=1e-6, msg=lambda m: f"{name}: {m}"
+            logps,
+            torch.stack([expected.chosen, expected.rejected]),
+            atol=1e-5,
+            rtol=1e-6,
+            msg=lambda m, name=name: f"{name}: {m}",
         )
 
 
