@@ -22,7 +22,7 @@ import yaml
 
 from dpokit import checkpoint as ckpt
 from dpokit import engines
-from dpokit.console import StopRequest, progress
+from dpokit.console import StopRequest, progress, stop_signals
 from dpokit.errors import RunStopped, UserError
 from dpokit.schedule import Schedule
 
@@ -92,6 +92,27 @@ class Steps:
     evaluate: Callable[[], dict[str, float]] | None  # eval/... metrics, or None without eval data
     console_line: Callable[[dict[str, Any]], str]  # one compact line of a metrics row
     speed: Callable[[TrainState], str]  # the progress bar's rate
+
+
+def run_recipe(
+    run: RecipeRun, resume_from: Path | None, data_stats: dict[str, Any], steps: Steps, header: Callable[[], None]
+) -> TrainState:
+    """Resume or start, save the resolved config and data statistics, print the header, and run every step with
+    the trackers open and SIGINT/SIGTERM turned into a clean stop; returns the final state."""
+    from dpokit import trackers
+
+    state = resume(run, resume_from) if resume_from is not None else TrainState()
+    if run.acc.is_main_process:
+        (run.output_dir / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(), sort_keys=False), "utf-8")
+        write_json(run.output_dir / "data_stats.json", data_stats)
+        header()
+    trackers.start(run.acc, run.cfg)
+    try:
+        with stop_signals() as stop:
+            run_steps(run, state, stop, steps)
+    finally:
+        trackers.finish(run.acc)
+    return state
 
 
 def run_steps(run: RecipeRun, state: TrainState, stop: StopRequest, steps: Steps) -> None:

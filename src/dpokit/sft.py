@@ -22,15 +22,14 @@ from typing import Any
 
 import torch
 
-from dpokit import checkpoint as ckpt
 from dpokit import engines, quantization, startup, trackers
 from dpokit.config import SFTConfig, load_sft_config
-from dpokit.console import make_console, stop_signals
+from dpokit.console import make_console
 from dpokit.data.collate import Batch
 from dpokit.data.sft import SFTData, collate_examples, load_sft_data, pack_examples
 from dpokit.errors import UserError
 from dpokit.logprobs import SequenceLogps
-from dpokit.loop import MetricWindow, Steps, TrainState, metric_rows, peak_memory_mb, resume, run_steps, write_json
+from dpokit.loop import MetricWindow, Steps, TrainState, metric_rows, peak_memory_mb, run_recipe, write_json
 from dpokit.models import count_parameters, load_tokenizer
 from dpokit.runs import PROVENANCE_FILE
 from dpokit.schedule import Schedule, shard
@@ -160,11 +159,6 @@ class Run:
 def sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the summary also written to `summary.json`."""
     run, resume_from, data_stats = set_up(cfg)
-    state = resume(run, resume_from) if resume_from is not None else TrainState()
-    if run.acc.is_main_process:
-        (run.output_dir / "config.yaml").write_text(yaml_dump(cfg), encoding="utf-8")
-        write_json(run.output_dir / "data_stats.json", data_stats)
-        print_header(run)
     steps = Steps(
         label="fine-tuning",
         step=lambda step, window: sft_step(run, step, window),
@@ -173,19 +167,11 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         console_line=lambda row: console_line(run, row),
         speed=lambda state: f"{state.tokens / state.runtime:.0f} tokens/s",
     )
-    trackers.start(run.acc, cfg)
-    try:
-        with stop_signals() as stop:
-            run_steps(run, state, stop, steps)
-    finally:
-        trackers.finish(run.acc)
-    return finish(run, state)
+    return finish(run, run_recipe(run, resume_from, data_stats, steps, header=lambda: print_header(run)))
 
 
 def set_up(cfg: SFTConfig) -> tuple[Run, Path | None, dict[str, Any]]:
     """The run: engine, output folder, data, policy and optimizer; the checkpoint to resume from."""
-    from accelerate.utils import set_seed
-
     acc, engine, autocast = startup.start(
         cfg,
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, as in train.py
@@ -197,15 +183,7 @@ def set_up(cfg: SFTConfig) -> tuple[Run, Path | None, dict[str, Any]]:
             "launch it with configs/accelerate/multi-gpu.yaml (DeepSpeed and FSDP2 are for dpokit train)"
         )
     trackers.check_installed(cfg)
-    resume_from = ckpt.prepare_output_dir(
-        Path(cfg.output_dir),
-        resume=cfg.resume,
-        resume_from=cfg.resume_from,
-        overwrite=cfg.overwrite_output_dir,
-        is_main=acc.is_main_process,
-    )
-    acc.wait_for_everyone()
-    set_seed(cfg.seed)
+    resume_from = startup.prepare_output(cfg, acc)
     console = make_console(acc.is_main_process)
     quant = quantization.start(cfg, acc.device)  # QLoRA as in train: a broken bitsandbytes install fails here
 
@@ -235,12 +213,6 @@ def set_up(cfg: SFTConfig) -> tuple[Run, Path | None, dict[str, Any]]:
         console=console,
     )
     return run, resume_from, {"train": train_stats, "eval": eval_stats}
-
-
-def yaml_dump(cfg: SFTConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def new_window() -> MetricWindow:

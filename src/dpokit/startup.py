@@ -7,11 +7,13 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dpokit import attention, engines, quantization
+from dpokit import checkpoint as ckpt
 from dpokit.config import DPOConfig
 from dpokit.models import add_lora, bf16_is_fast, cast_frozen_linears, compile_layers, disable_dropout, load_model
 
@@ -40,6 +42,22 @@ def start(cfg: DPOConfig, **accelerator_kwargs: Any) -> tuple[Any, engines.Engin
     if by_accelerate:
         return acc, engine, acc.autocast
     return acc, engine, partial(torch.autocast, acc.device.type, dtype=torch.bfloat16, enabled=wanted == "bf16")
+
+
+def prepare_output(cfg: DPOConfig, acc: Any) -> Path | None:
+    """The output folder checked (or a run in it to resume, whose checkpoint is returned), then the seed set."""
+    from accelerate.utils import set_seed
+
+    resume_from = ckpt.prepare_output_dir(
+        Path(cfg.output_dir),
+        resume=cfg.resume,
+        resume_from=cfg.resume_from,
+        overwrite=cfg.overwrite_output_dir,
+        is_main=acc.is_main_process,
+    )
+    acc.wait_for_everyone()
+    set_seed(cfg.seed)
+    return resume_from
 
 
 def load_policy(cfg: DPOConfig, device: torch.device, quant: quantization.Quantization | None = None) -> Any:

@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from dpokit import checkpoint as ckpt
 from dpokit import devices, engines, quantization, reference, startup, trackers
 from dpokit.config import DPOConfig, load_config
-from dpokit.console import make_console, stop_signals
+from dpokit.console import make_console
 from dpokit.data.collate import Batch
 from dpokit.data.encode import EncodedDataset, apply_length_policy, encode_loaded
 from dpokit.data.formats import Options
@@ -36,7 +34,7 @@ from dpokit.data.markers import template_markers
 from dpokit.errors import UserError
 from dpokit.layout import make_batch
 from dpokit.logprobs import PairLogps, SequenceLogps
-from dpokit.loop import MetricWindow, Steps, TrainState, metric_rows, peak_memory_mb, resume, run_steps, write_json
+from dpokit.loop import MetricWindow, Steps, TrainState, metric_rows, peak_memory_mb, run_recipe, write_json
 from dpokit.losses import loss_settings, preference_loss
 from dpokit.models import count_parameters, load_tokenizer
 from dpokit.reference import Reference
@@ -136,11 +134,6 @@ class Run:
 def train(cfg: DPOConfig) -> dict[str, Any]:
     """Run DPO as configured; returns the summary also written to `summary.json`."""
     run, resume_from, data_stats = set_up(cfg)
-    state = resume(run, resume_from) if resume_from is not None else TrainState()
-    if run.acc.is_main_process:
-        (run.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-        write_json(run.output_dir / "data_stats.json", data_stats)
-        print_header(run)
     steps = Steps(
         label="training",
         step=lambda step, window: train_step(run, step, window),
@@ -149,19 +142,11 @@ def train(cfg: DPOConfig) -> dict[str, Any]:
         console_line=lambda row: console_line(run, row),
         speed=lambda state: f"{state.pairs / state.runtime:.2f} pairs/s",
     )
-    trackers.start(run.acc, cfg)
-    try:
-        with stop_signals() as stop:
-            run_steps(run, state, stop, steps)
-    finally:
-        trackers.finish(run.acc)
-    return finish(run, state)
+    return finish(run, run_recipe(run, resume_from, data_stats, steps, header=lambda: print_header(run)))
 
 
 def set_up(cfg: DPOConfig) -> tuple[Run, Path | None, dict[str, Any]]:
     """The run: engine, output folder, data, policy, optimizer and reference; the checkpoint to resume from."""
-    from accelerate.utils import set_seed
-
     # the engine the launcher asked for (DDP, DeepSpeed ZeRO, FSDP2), checked before any data or model is touched
     acc, engine, autocast = startup.start(
         cfg,
@@ -175,15 +160,7 @@ def set_up(cfg: DPOConfig) -> tuple[Run, Path | None, dict[str, Any]]:
     trackers.check_installed(cfg)
     if not acc.is_main_process:
         logging.getLogger("dpokit").setLevel(logging.WARNING)  # the main process reports for all
-    resume_from = ckpt.prepare_output_dir(
-        Path(cfg.output_dir),
-        resume=cfg.resume,
-        resume_from=cfg.resume_from,
-        overwrite=cfg.overwrite_output_dir,
-        is_main=acc.is_main_process,
-    )
-    acc.wait_for_everyone()
-    set_seed(cfg.seed)
+    resume_from = startup.prepare_output(cfg, acc)
     console = make_console(acc.is_main_process)
     for line in filter(None, (engine.describe(acc), reference_line)):  # what runs, before anything is loaded
         console.print(line)
