@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from dpokit import checkpoint as ckpt
-from dpokit import engines
+from dpokit import engines, trackers
 from dpokit.console import StopRequest, progress, stop_signals
 from dpokit.errors import RunStopped, UserError
 from dpokit.schedule import Schedule
@@ -99,8 +99,6 @@ def run_recipe(
 ) -> TrainState:
     """Resume or start, save the resolved config and data statistics, print the header, and run every step with
     the trackers open and SIGINT/SIGTERM turned into a clean stop; returns the final state."""
-    from dpokit import trackers
-
     state = resume(run, resume_from) if resume_from is not None else TrainState()
     if run.acc.is_main_process:
         (run.output_dir / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(), sort_keys=False), "utf-8")
