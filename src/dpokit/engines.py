@@ -194,6 +194,11 @@ def prepare(
     return acc.prepare(policy, optimizer, scheduler)
 
 
+# accelerate keeps one DeepSpeed config per process for every `Accelerator` in it: a second run in the process
+# (the Python API, the tests) finds the values the first one wrote, and is checked against what the launch gave
+_LAUNCH_VALUES: dict[int, dict[str, Any]] = {}
+
+
 def fill_deepspeed_config(acc: Any, cfg: DPOConfig) -> None:
     """dpokit's batch, accumulation and clipping keys in DeepSpeed's config; a launch that sets them otherwise
     stops, as the two would disagree on what a step is."""
@@ -204,9 +209,10 @@ def fill_deepspeed_config(acc: Any, cfg: DPOConfig) -> None:
         "gradient_clipping": cfg.max_grad_norm,
         "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes,
     }
+    launched = _LAUNCH_VALUES.setdefault(id(ds), {key: ds.get(key, "auto") for key in wanted})
     defaults = {"gradient_accumulation_steps": 1}  # what accelerate writes when nothing was given
     for key, value in wanted.items():
-        given = ds.get(key, "auto")
+        given = launched[key]
         if given not in ("auto", None, value, defaults.get(key)):
             raise UserError(
                 f"the DeepSpeed config sets {key}={given} but dpokit's config gives {value}; remove it from the "

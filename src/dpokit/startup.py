@@ -15,6 +15,7 @@ import torch
 from dpokit import attention, engines, quantization
 from dpokit import checkpoint as ckpt
 from dpokit.config import DPOConfig
+from dpokit.errors import UserError
 from dpokit.models import add_lora, bf16_is_fast, cast_frozen_linears, compile_layers, disable_dropout, load_model
 
 Autocast = Callable[[], AbstractContextManager[Any]]
@@ -40,6 +41,11 @@ def start(cfg: DPOConfig, **accelerator_kwargs: Any) -> tuple[Any, engines.Engin
     by_accelerate = engines.requested_engine() is not None
     acc, engine = engines.start(mixed_precision=wanted if by_accelerate else "no", **accelerator_kwargs)
     if by_accelerate:
+        if acc.mixed_precision != wanted:  # DeepSpeed's config keeps the precision of the process's first run
+            raise UserError(
+                f"this process already ran accelerate's DeepSpeed engine in precision {acc.mixed_precision} and "
+                f"accelerate keeps it; run bf16={cfg.bf16} in a new process"
+            )
         return acc, engine, acc.autocast
     return acc, engine, partial(torch.autocast, acc.device.type, dtype=torch.bfloat16, enabled=wanted == "bf16")
 
