@@ -191,3 +191,26 @@ def test_hub_ids_are_fingerprinted_by_their_snapshot(tmp_path: Path, monkeypatch
     snapshots["org/model"] = str(tmp_path / "models--org--model/snapshots/def456/config.json")
     assert model_fingerprint("org/model", tmp_path) != first  # a new revision downloaded: a new reference
     assert model_fingerprint("org/other", tmp_path) != model_fingerprint("org/model", tmp_path)
+
+
+def test_the_plan_says_where_a_sharded_reference_lives(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from dpokit.engines import Engine
+    from dpokit.errors import UserError
+
+    data = tmp_path / "pairs.jsonl"
+    zero3, fsdp2, ddp = Engine("deepspeed", 2, zero_stage=3), Engine("fsdp2", 2), Engine("ddp", 2)
+
+    def plan(name: str, *extra: str) -> ReferencePlan:
+        return ReferencePlan.from_config(config(tiny_model_dir, data, tmp_path, *STRATEGIES[name], *extra))
+
+    assert plan("precomputed, starting policy").where(zero3) == (
+        "reference: log-probs precomputed before the first step; no reference weights are kept"
+    )
+    assert plan("frozen copy").where(fsdp2) == (
+        "reference: a frozen copy of the starting weights, sharded by FSDP2 like the policy"
+    )
+    with pytest.raises(UserError, match="set precompute_ref_log_probs=true"):
+        plan("frozen copy").where(zero3)
+    assert plan("frozen copy").where(ddp) is None  # every process holds the whole copy
+    assert plan("adapter-off").where(zero3) is None and plan("precomputed, adapter-off").where(fsdp2) is None
+    assert plan("frozen copy", "loss_type=simpo").where(zero3) is None  # no reference at all

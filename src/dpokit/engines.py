@@ -155,20 +155,6 @@ def check_engine(acc: Any, asked: str | None) -> Engine:
     return Engine("ddp" if acc.num_processes > 1 else "single", acc.num_processes)
 
 
-def check_reference(cfg: DPOConfig, engine: Engine) -> str | None:
-    """Where the reference of a full fine-tuning run lives when the weights are sharded, or one line on why not."""
-    if cfg.use_peft or not engine.shards_weights:
-        return None
-    if cfg.precompute_ref_log_probs:
-        return "reference: log-probs precomputed before the first step; no reference weights are kept"
-    if engine.kind == "fsdp2":
-        return "reference: a frozen copy of the starting weights, sharded by FSDP2 like the policy"
-    raise UserError(
-        "full fine-tuning under ZeRO-3 keeps no frozen copy of the weights; set precompute_ref_log_probs=true "
-        "(the default), or train LoRA adapters (use_peft=true)"
-    )
-
-
 # --- preparing -------------------------------------------------------------------------------------------------
 
 

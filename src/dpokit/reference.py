@@ -33,6 +33,8 @@ from dpokit.config import DPOConfig
 from dpokit.console import progress
 from dpokit.data.collate import Batch
 from dpokit.data.encode import EncodedDataset
+from dpokit.engines import Engine
+from dpokit.errors import UserError
 from dpokit.fingerprint import model_fingerprint
 from dpokit.layout import make_batch
 from dpokit.logprobs import PairLogps, SequenceLogps
@@ -127,6 +129,20 @@ class ReferencePlan:
             return cls(live)
         # before the first step the policy is its own reference: no copy is needed for the pass
         return cls("precomputed", "adapter-off" if cfg.use_peft else "starting policy")
+
+    def where(self, engine: Engine) -> str | None:
+        """Where the reference of a full fine-tuning run lives when the engine shards the weights, or one line on
+        why it cannot live anywhere; None when nothing needs saying."""
+        if not engine.shards_weights or "adapter-off" in (self.strategy, self.source) or self.strategy == "none":
+            return None
+        if self.strategy == "precomputed":
+            return "reference: log-probs precomputed before the first step; no reference weights are kept"
+        if engine.kind == "fsdp2":
+            return "reference: a frozen copy of the starting weights, sharded by FSDP2 like the policy"
+        raise UserError(
+            "full fine-tuning under ZeRO-3 keeps no frozen copy of the weights; set precompute_ref_log_probs=true "
+            "(the default), or train LoRA adapters (use_peft=true)"
+        )
 
 
 @dataclass

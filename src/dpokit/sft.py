@@ -1,9 +1,10 @@
 """The SFT recipe: config in, fine-tuned adapter (or model) out; the usual first stage before `dpokit train`.
 
-It runs on DPO's engine and reads top to bottom like `train.py`, whose pieces it imports: the same accelerate
-set-up, data order (`Schedule`, a pure function of seed and step, so resume is exact), policy loading (LoRA, and
-whatever `load_policy` adds), per-sequence log-probs through the same layouts (an example is a pair's chosen side
-with no rejected one), checkpoints and trackers. Only the loss differs: TRL's, the negative log-likelihood of the
+It runs on DPO's engine and reads top to bottom like `train.py`, sharing its pieces: the accelerate set-up and
+policy loading (`startup.py`: LoRA, and whatever `load_policy` adds), the data order (`schedule.py`, a pure
+function of seed and step, so resume is exact), per-sequence log-probs through the same layouts (an example is a
+pair's chosen side with no rejected one), and the step loop with its logging, checkpoints, clean stops and
+trackers (`loop.py`). Only the loss differs: TRL's, the negative log-likelihood of the
 trained tokens averaged over every trained token of the optimizer step, however the step is split into processes
 and accumulation passes.
 """

@@ -155,7 +155,7 @@ def set_up(cfg: DPOConfig) -> tuple[Run, Path | None, dict[str, Any]]:
         step_scheduler_with_optimizer=False,
         project_dir=cfg.output_dir,
     )
-    reference_line = engines.check_reference(cfg, engine)
+    reference_line = reference.ReferencePlan.from_config(cfg).where(engine)
     devices.prepare(acc.device)
     trackers.check_installed(cfg)
     if not acc.is_main_process:
