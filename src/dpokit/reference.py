@@ -42,9 +42,9 @@ from dpokit.losses import needs_reference
 from dpokit.models import cache_dir
 from dpokit.quantization import for_run
 from dpokit.schedule import Schedule, reference_passes
+from dpokit.startup import Autocast
 
 RefLogps = tuple[torch.Tensor, torch.Tensor]  # (reference_chosen_logps, reference_rejected_logps), each (B,)
-Autocast = Callable[[], AbstractContextManager[Any]]
 
 
 class Reference(Protocol):
@@ -84,7 +84,9 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 class LiveReference:
     """Runs a reference model under no_grad, in eval mode, inside `context` (e.g. adapters disabled)."""
 
-    def __init__(self, module: SequenceLogps, context: Autocast, autocast: Autocast) -> None:
+    def __init__(
+        self, module: SequenceLogps, context: Callable[[], AbstractContextManager[Any]], autocast: Autocast
+    ) -> None:
         self.module = module
         self.context = context
         self.autocast = autocast
