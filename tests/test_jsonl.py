@@ -10,9 +10,9 @@ import pytest
 
 from dpokit.errors import UserError
 from dpokit.jsonl import read_jsonl
+from dpokit.loop import read_lines as _read_lines
 from dpokit.onpolicy import read_rows
 from dpokit.report import read_metrics
-from dpokit.train import _read_lines
 from test_train import metrics, run_train, settings
 
 TORN = '{"step": 3, "lo'  # what a kill leaves while a row is being appended

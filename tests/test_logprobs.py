@@ -167,3 +167,17 @@ def test_frozen_weights_stored_in_bf16_give_exactly_what_autocast_gives(setup) -
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             outs.append(SequenceLogps(model)(batch))
     assert torch.equal(outs[0].chosen, outs[1].chosen) and torch.equal(outs[0].rejected, outs[1].rejected)
+
+
+def test_the_data_layer_imports_no_model_kernel() -> None:
+    """Batches describe where sequences lie (`data.segments`); the attention kernels read that, never the reverse."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    kernels = "('dpokit.attention', 'dpokit.flex')"
+    probe = f"import sys, dpokit.data.collate; print(sorted(m for m in sys.modules if m in {kernels}))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "[]"

@@ -95,7 +95,7 @@ def test_4bit_run_starts_at_log2_learns_and_records_quantization(
 
 def test_only_lora_weights_train_on_the_quantized_base(tiny_model_dir: Path, pairs: Path, tmp_path: Path) -> None:
     from dpokit import quantization
-    from dpokit.train import load_policy
+    from dpokit.startup import load_policy
 
     cfg = load_config(None, settings(tiny_model_dir, pairs, tmp_path / "x"))
     quant = quantization.for_run(cfg, torch.device("cpu"))

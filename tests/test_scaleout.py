@@ -220,13 +220,14 @@ def test_full_finetuning_with_sharded_weights(runs: Path, engine: str, reference
 
 def test_full_finetuning_under_zero3_without_a_reference_is_refused() -> None:
     from dpokit.config import load_config
-    from dpokit.engines import Engine, check_reference
+    from dpokit.engines import Engine
     from dpokit.errors import UserError
+    from dpokit.reference import ReferencePlan
 
-    cfg = load_config(None, ["use_peft=false", "precompute_ref_log_probs=false"])
+    plan = ReferencePlan.from_config(load_config(None, ["use_peft=false", "precompute_ref_log_probs=false"]))
     with pytest.raises(UserError, match="set precompute_ref_log_probs=true"):
-        check_reference(cfg, Engine("deepspeed", 2, zero_stage=3))
-    assert check_reference(cfg, Engine("deepspeed", 2, zero_stage=2)) is None  # ZeRO-2 keeps whole weights
+        plan.where(Engine("deepspeed", 2, zero_stage=3))
+    assert plan.where(Engine("deepspeed", 2, zero_stage=2)) is None  # ZeRO-2 keeps whole weights
 
 
 @pytest.mark.slow

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from conftest import conversational_rows
+from dpokit.config import load_config
 from dpokit.data.collate import collate
 from dpokit.data.encode import encode_pairs
 from dpokit.data.rows import as_text_pair
 from dpokit.logprobs import SequenceLogps
-from dpokit.losses import preference_loss
 from dpokit.models import load_model, load_tokenizer
+from dpokit.train import loss_and_metrics, new_window
 
 trl = pytest.importorskip("trl")
 
@@ -103,37 +105,18 @@ def test_step0_loss_and_metrics_match_trl(
     policy = SequenceLogps(load_model(str(tiny_model_dir)))
     reference = SequenceLogps(load_model(str(tiny_ref_model_dir)))
     layout = collate(pairs, tokenizer.pad_token_id, padding_free=True, prefix_sharing=True)
+    cfg = load_config(
+        None, {"loss_type": loss_type, "beta": 0.1, "label_smoothing": 0.2 if loss_type == "robust" else 0.0}
+    )
     with torch.no_grad():
         pol, ref = policy(layout), reference(layout)
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        loss_type,
-        pol.chosen,
-        pol.rejected,
-        ref.chosen,
-        ref.rejected,
-        beta=0.1,
-        chosen_lengths=pol.chosen_lengths,
-        rejected_lengths=pol.rejected_lengths,
-        label_smoothing=0.2 if loss_type == "robust" else 0.0,
-    )
+        _, values = loss_and_metrics(cfg, pol, (ref.chosen, ref.rejected))
+    window = new_window()  # what the training loop logs: the window's pair-weighted means
+    window.add(values, torch.ones(BATCH))
+    ours = window.means(Accelerator(cpu=True))
     # means of values of either sign can nearly cancel; their tolerance is relative to the size of the values
-    scale = {
-        "rewards/chosen": chosen_rewards.abs().mean(),
-        "rewards/rejected": rejected_rewards.abs().mean(),
-        "rewards/accuracies": 1.0,
-        "rewards/margins": (chosen_rewards - rejected_rewards).abs().mean(),
-        "logps/chosen": pol.chosen.abs().mean(),
-        "logps/rejected": pol.rejected.abs().mean(),
-    }
-    ours = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": pol.chosen.mean(),
-        "logps/rejected": pol.rejected.mean(),
-    }
-    assert float(chosen_rewards.abs().mean()) > 0.1  # the comparison is not at the trivial point
-    assert math.isclose(float(losses.mean()), trl_loss, rel_tol=1e-4, abs_tol=1e-6)
+    scale = {key: 1.0 if key == "rewards/accuracies" else values[key].abs().mean() for key in TRL_METRICS}
+    assert float(values["rewards/chosen"].abs().mean()) > 0.1  # the comparison is not at the trivial point
+    assert math.isclose(ours["loss"], trl_loss, rel_tol=1e-4, abs_tol=1e-6)
     for key in TRL_METRICS:
         assert abs(float(ours[key]) - trl_metrics[key]) <= 1e-4 * float(scale[key]), key

@@ -2,7 +2,8 @@
 
 One trainer serves every case: the loss settings its `__init__` copies from `DPOConfig` are set on it per case
 (`test_one_trainer_per_case_agrees` checks that against a trainer built from the config). dpokit's side runs its
-real path: `SequenceLogps` on the packed, prefix-shared layout and `train.loss_and_metrics` on a `DPOConfig`.
+real path: `SequenceLogps` on the packed, prefix-shared layout, `train.loss_and_metrics` on a `DPOConfig`, and the
+means that the training loop's `MetricWindow` logs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dpokit.data.encode import encode_pairs
 from dpokit.data.rows import as_text_pair
 from dpokit.logprobs import SequenceLogps
 from dpokit.models import load_model, load_tokenizer
-from dpokit.train import loss_and_metrics
+from dpokit.train import loss_and_metrics, new_window
 
 trl = pytest.importorskip("trl")
 
@@ -149,15 +150,27 @@ def setup(tiny_model_dir: Path, tiny_ref_model_dir: Path, tmp_path_factory: pyte
     }
 
 
+def logged(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """What dpokit logs of these per-pair values: the means of the training loop's `MetricWindow`."""
+    from accelerate import Accelerator
+
+    window = new_window()
+    window.add(values, torch.ones(BATCH))
+    window.steps += 1
+    return window.means(Accelerator(cpu=True))
+
+
 def assert_matches(ours: tuple[torch.Tensor, dict[str, torch.Tensor]], theirs: tuple[float, dict[str, float]]) -> None:
     losses, values = ours
     trl_loss, trl_metrics = theirs
+    row = logged(values)
     assert float(values["rewards/chosen"].abs().mean()) > 0.1  # not at the trivial point policy == reference
-    assert math.isclose(float(losses.mean()), trl_loss, rel_tol=1e-4, abs_tol=1e-6)
+    assert set(row) == {"loss", *METRICS}  # TRL's names, and no others
+    assert math.isclose(row["loss"], trl_loss, rel_tol=1e-4, abs_tol=1e-6)
     for key in METRICS:
         # means of values of either sign can nearly cancel; their tolerance is relative to the size of the values
         scale = 1.0 if key == "rewards/accuracies" else float(values[key].abs().mean())
-        assert abs(float(values[key].mean()) - trl_metrics[key]) <= 1e-4 * scale, key
+        assert abs(row[key] - trl_metrics[key]) <= 1e-4 * scale, key
 
 
 @pytest.mark.parametrize("case", SINGLE + COMBINED, ids=_name)

@@ -20,27 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dpokit.data.segments import Segment
 from dpokit.errors import UserError
 
 log = logging.getLogger(__name__)
 
 NAME = "dpokit_segments"
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One attention island of a row: `head` tokens attending causally, then `tail` tokens that see the first
-    `prefix` tokens of the segment and, causally, each other (a rejected response after prompt + chosen)."""
-
-    row: int
-    start: int  # offset of the segment's first token in its row
-    head: int
-    tail: int = 0
-    prefix: int = 0
-
-    @property
-    def end(self) -> int:
-        return self.start + self.head + self.tail
 
 
 @lru_cache(maxsize=256)

@@ -1,6 +1,6 @@
 """What a device runs fast, and what a training run sets on its device before the first step.
 
-bf16 autocast is chosen in `train.precision` (`bf16_is_fast`); here the rest: TF32 matmuls for whatever
+bf16 autocast is chosen in `startup.precision` (`bf16_is_fast`); here the rest: TF32 matmuls for whatever
 still runs in fp32 on an Ampere or later GPU (fp32 runs, the fp32 parts of a bf16 run), and a fresh peak-memory
 counter, so `summary.json`'s `peak_memory_mb` is this run's even when one process trains several times.
 """

@@ -155,20 +155,6 @@ def check_engine(acc: Any, asked: str | None) -> Engine:
     return Engine("ddp" if acc.num_processes > 1 else "single", acc.num_processes)
 
 
-def check_reference(cfg: DPOConfig, engine: Engine) -> str | None:
-    """Where the reference of a full fine-tuning run lives when the weights are sharded, or one line on why not."""
-    if cfg.use_peft or not engine.shards_weights:
-        return None
-    if cfg.precompute_ref_log_probs:
-        return "reference: log-probs precomputed before the first step; no reference weights are kept"
-    if engine.kind == "fsdp2":
-        return "reference: a frozen copy of the starting weights, sharded by FSDP2 like the policy"
-    raise UserError(
-        "full fine-tuning under ZeRO-3 keeps no frozen copy of the weights; set precompute_ref_log_probs=true "
-        "(the default), or train LoRA adapters (use_peft=true)"
-    )
-
-
 # --- preparing -------------------------------------------------------------------------------------------------
 
 
@@ -194,6 +180,11 @@ def prepare(
     return acc.prepare(policy, optimizer, scheduler)
 
 
+# accelerate keeps one DeepSpeed config per process for every `Accelerator` in it: a second run in the process
+# (the Python API, the tests) finds the values the first one wrote, and is checked against what the launch gave
+_LAUNCH_VALUES: dict[int, dict[str, Any]] = {}
+
+
 def fill_deepspeed_config(acc: Any, cfg: DPOConfig) -> None:
     """dpokit's batch, accumulation and clipping keys in DeepSpeed's config; a launch that sets them otherwise
     stops, as the two would disagree on what a step is."""
@@ -204,9 +195,10 @@ def fill_deepspeed_config(acc: Any, cfg: DPOConfig) -> None:
         "gradient_clipping": cfg.max_grad_norm,
         "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes,
     }
+    launched = _LAUNCH_VALUES.setdefault(id(ds), {key: ds.get(key, "auto") for key in wanted})
     defaults = {"gradient_accumulation_steps": 1}  # what accelerate writes when nothing was given
     for key, value in wanted.items():
-        given = ds.get(key, "auto")
+        given = launched[key]
         if given not in ("auto", None, value, defaults.get(key)):
             raise UserError(
                 f"the DeepSpeed config sets {key}={given} but dpokit's config gives {value}; remove it from the "
@@ -222,10 +214,10 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_reference(acc: Any, engine: Engine, live: Any, policy: Any) -> None:
+def shard_reference(acc: Any, engine: Engine, module: Any, policy: Any) -> None:
     """A frozen copy of the starting weights (full fine-tuning without precomputation) is sharded like the policy."""
-    if engine.kind == "fsdp2" and live is not None and live.module is not policy:
-        shard_fsdp2(live.module, acc.device.type)
+    if engine.kind == "fsdp2" and module is not None and module is not policy:
+        shard_fsdp2(module, acc.device.type)
 
 
 def shard_fsdp2(policy: Any, device_type: str, optimizer: torch.optim.Optimizer | None = None) -> None:

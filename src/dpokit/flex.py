@@ -1,6 +1,6 @@
 """FlexAttention block masks for packed and prefix-shared rows: the GPU path.
 
-A packed row holds several segments (`attention.Segment`). On a GPU, one kernel per segment per layer wastes the
+A packed row holds several segments (`data.segments.Segment`). On a GPU, one kernel per segment per layer wastes the
 device on launches; FlexAttention runs the whole row in one kernel and skips every 128 x 128 block the mask leaves
 empty. The mask is the one `Batch.dense_mask` spells out, as a `mask_mod` over per-position tables:
 
@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from dpokit.attention import Segment, switch_attention
+from dpokit.attention import switch_attention
+from dpokit.data.segments import Segment
 from dpokit.errors import UserError
 
 log = logging.getLogger(__name__)

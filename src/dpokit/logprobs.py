@@ -1,9 +1,10 @@
 """Per-sequence log-probabilities of responses: the hot path of DPO.
 
 `sequence_logps_reference` is the plain definition (full logits, shift by one, mask, sum in fp32) and exists to
-test against. `SequenceLogps` is what training runs: the backbone once over any `Batch` layout, then the LM head
-and log-softmax only at response positions, in chunks, so [batch, length, vocab] logits never exist; a chunk's
-logits live only inside `HeadLogps`, which keeps what its backward needs instead of them.
+test against. `SequenceLogps` is the module training runs; both return a `PairLogps`, the per-pair result. It runs
+the backbone once over any `Batch` layout, then the LM head and log-softmax only at response positions, in chunks,
+so [batch, length, vocab] logits never exist; a chunk's logits live only inside `HeadLogps`, which keeps what its
+backward needs instead of them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ IGNORE_INDEX = -100  # label of prompt and padding positions in the padded refer
 
 
 @dataclass
-class SeqLogps:
+class PairLogps:
+    """Per-pair log-probs of one model over a batch of B pairs: its chosen and rejected responses, summed."""
+
     chosen: torch.Tensor  # (B,) summed log-probs of the chosen responses (LD-DPO weighted when ld_alpha is set)
     rejected: torch.Tensor  # (B,)
     chosen_lengths: torch.Tensor  # (B,) response tokens
@@ -32,8 +35,8 @@ class SeqLogps:
     rejected_wpo: torch.Tensor | None = None  # (B,)
 
 
-def split_sequences(per_sequence: torch.Tensor, lengths: torch.Tensor, num_pairs: int) -> SeqLogps:
-    return SeqLogps(per_sequence[:num_pairs], per_sequence[num_pairs:], lengths[:num_pairs], lengths[num_pairs:])
+def split_sequences(per_sequence: torch.Tensor, lengths: torch.Tensor, num_pairs: int) -> PairLogps:
+    return PairLogps(per_sequence[:num_pairs], per_sequence[num_pairs:], lengths[:num_pairs], lengths[num_pairs:])
 
 
 def ld_token_weights(target_seq: torch.Tensor, num_pairs: int, ld_alpha: float) -> torch.Tensor:
@@ -59,7 +62,7 @@ def sequence_sums(
     num_pairs: int,
     ld_alpha: float | None = None,
     token_wpo: torch.Tensor | None = None,
-) -> SeqLogps:
+) -> PairLogps:
     """Per-sequence sums of (N,) token log-probs, with the LD-DPO weights and WPO's means where asked."""
     zeros = token_logps.new_zeros(2 * num_pairs)
     lengths = torch.bincount(target_seq, minlength=2 * num_pairs)
@@ -81,7 +84,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return _select(logits.float(), index)[0]
 
 
-def sequence_logps_reference(model: Any, batch: Batch, ld_alpha: float | None = None, wpo: bool = False) -> SeqLogps:
+def sequence_logps_reference(model: Any, batch: Batch, ld_alpha: float | None = None, wpo: bool = False) -> PairLogps:
     """The plain definition: full logits, labels shifted by one, masked sum (any layout, with a dense mask)."""
     logits = model(
         input_ids=batch.input_ids,
@@ -224,7 +227,7 @@ class SequenceLogps(torch.nn.Module):
             self._frozen_head = (lm_head.weight.detach().to(dtype), bias, dtype)
         return self._frozen_head
 
-    def forward(self, batch: Batch) -> SeqLogps:
+    def forward(self, batch: Batch) -> PairLogps:
         causal_lm = self._causal_lm()
         backbone = causal_lm.get_decoder()
         weight, bias, dtype = self._head(causal_lm.get_output_embeddings(), batch.input_ids.device)

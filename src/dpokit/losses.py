@@ -475,7 +475,7 @@ def preference_loss(
 
 
 def loss_settings(cfg: Any, logps: Any) -> dict[str, Any]:
-    """`preference_loss`'s keyword arguments from a `DPOConfig` and the policy's `SeqLogps`."""
+    """`preference_loss`'s keyword arguments from a `DPOConfig` and the policy's `PairLogps`."""
     return {
         "beta": cfg.beta,
         "loss_weights": cfg.loss_weights,

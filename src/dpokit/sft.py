@@ -1,9 +1,10 @@
 """The SFT recipe: config in, fine-tuned adapter (or model) out; the usual first stage before `dpokit train`.
 
-It runs on DPO's engine and reads top to bottom like `train.py`, whose pieces it imports: the same accelerate
-set-up, data order (`Schedule`, a pure function of seed and step, so resume is exact), policy loading (LoRA, and
-whatever `load_policy` adds), per-sequence log-probs through the same layouts (an example is a pair's chosen side
-with no rejected one), checkpoints and trackers. Only the loss differs: TRL's, the negative log-likelihood of the
+It runs on DPO's engine and reads top to bottom like `train.py`, sharing its pieces: the accelerate set-up and
+policy loading (`startup.py`: LoRA, and whatever `load_policy` adds), the data order (`schedule.py`, a pure
+function of seed and step, so resume is exact), per-sequence log-probs through the same layouts (an example is a
+pair's chosen side with no rejected one), and the step loop with its logging, checkpoints, clean stops and
+trackers (`loop.py`). Only the loss differs: TRL's, the negative log-likelihood of the
 trained tokens averaged over every trained token of the optimizer step, however the step is split into processes
 and accumulation passes.
 """
@@ -14,39 +15,25 @@ import argparse
 import hashlib
 import json
 import math
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpokit import checkpoint as ckpt
-from dpokit import engines, quantization, trackers
-from dpokit.console import StopRequest, make_console, progress, stop_signals
+from dpokit import engines, quantization, startup, trackers
+from dpokit.console import make_console
 from dpokit.data.collate import Batch
 from dpokit.data.sft import SFTData, collate_examples, load_sft_data, pack_examples
-from dpokit.errors import RunStopped, UserError
+from dpokit.errors import UserError
 from dpokit.logprobs import SequenceLogps
+from dpokit.loop import MetricWindow, Steps, TrainState, metric_rows, peak_memory_mb, run_recipe, write_json
 from dpokit.models import count_parameters, load_tokenizer
 from dpokit.runs import PROVENANCE_FILE
+from dpokit.schedule import Schedule, shard
 from dpokit.sft_config import SFTConfig, load_sft_config
-from dpokit.train import (
-    MetricWindow,
-    Schedule,
-    TrainState,
-    load_policy,
-    make_scheduler,
-    peak_memory_mb,
-    precision,
-    resume,
-    save,
-    shard,
-    stop_everywhere,
-    write_json,
-)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,12 +125,15 @@ def example_weights(data: TrainingSet, samples: Sequence[int], weights: Sequence
 # --- the run --------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """Everything the step loop needs; `train.save` and `train.resume` read the same fields as on DPO's run."""
+    """Everything the step loop needs; `loop.save` and `loop.resume` read the same fields as on DPO's run."""
 
     cfg: SFTConfig
     acc: Any
+    engine: engines.Engine
+    autocast: startup.Autocast  # every forward pass runs inside it
+    precision: str  # "bf16" or "no"
     policy: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -152,7 +142,6 @@ class Run:
     schedule: Schedule
     tokenizer: Any
     console: Any
-    engine: engines.Engine
 
     @property
     def output_dir(self) -> Path:
@@ -164,15 +153,28 @@ class Run:
     def unwrapped_model(self) -> Any:
         return self.acc.unwrap_model(self.policy).model
 
+    def data_fingerprint(self) -> str:
+        return self.train_set.fingerprint()
+
 
 def sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the summary also written to `summary.json`."""
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
+    run, resume_from, data_stats = set_up(cfg)
+    steps = Steps(
+        label="fine-tuning",
+        step=lambda step, window: sft_step(run, step, window),
+        new_window=new_window,
+        evaluate=(lambda: evaluate(run)) if run.eval_set is not None else None,
+        console_line=lambda row: console_line(run, row),
+        speed=lambda state: f"{state.tokens / state.runtime:.0f} tokens/s",
+    )
+    return finish(run, run_recipe(run, resume_from, data_stats, steps, header=lambda: print_header(run)))
 
-    AcceleratorState._reset_state()
-    acc, engine = engines.start(
-        mixed_precision=precision(cfg),
+
+def set_up(cfg: SFTConfig) -> tuple[Run, Path | None, dict[str, Any]]:
+    """The run: engine, output folder, data, policy and optimizer; the checkpoint to resume from."""
+    acc, engine, autocast = startup.start(
+        cfg,
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, as in train.py
         project_dir=cfg.output_dir,
     )
@@ -182,16 +184,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             "launch it with configs/accelerate/multi-gpu.yaml (DeepSpeed and FSDP2 are for dpokit train)"
         )
     trackers.check_installed(cfg)
-    out = Path(cfg.output_dir)
-    resume_from = ckpt.prepare_output_dir(
-        out,
-        resume=cfg.resume,
-        resume_from=cfg.resume_from,
-        overwrite=cfg.overwrite_output_dir,
-        is_main=acc.is_main_process,
-    )
-    acc.wait_for_everyone()
-    set_seed(cfg.seed)
+    resume_from = startup.prepare_output(cfg, acc)
     console = make_console(acc.is_main_process)
     quant = quantization.start(cfg, acc.device)  # QLoRA as in train: a broken bitsandbytes install fails here
 
@@ -199,93 +192,32 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     train_set, train_stats = load_split(cfg, tokenizer, "train", console)
     eval_set, eval_stats = load_split(cfg, tokenizer, "eval", console) if cfg.eval_data else (None, None)
 
-    model = load_policy(cfg, acc.device, quant)
+    model = startup.load_policy(cfg, acc.device, quant)
     policy = SequenceLogps(model, cfg.logits_chunk_size)
     schedule = Schedule.from_config(cfg, len(train_set), acc.num_processes)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon, cfg.weight_decay
-    )
-    scheduler = make_scheduler(cfg, optimizer, schedule.total_steps)
+    optimizer = startup.make_optimizer(cfg, model)
+    scheduler = startup.make_scheduler(cfg, optimizer, schedule.total_steps)
     policy, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
-    run = Run(cfg, acc, policy, optimizer, scheduler, train_set, eval_set, schedule, tokenizer, console, engine)
-
-    state = resume(run, resume_from) if resume_from is not None else TrainState()
-    if acc.is_main_process:
-        (out / "config.yaml").write_text(yaml_dump(cfg), encoding="utf-8")
-        write_json(out / "data_stats.json", {"train": train_stats, "eval": eval_stats})
-        print_header(run, model)
-    trackers.start(acc, cfg)
-    try:
-        with stop_signals() as stop:
-            loop(run, state, stop)
-    finally:
-        trackers.finish(acc)
-    return finish(run, state)
-
-
-def yaml_dump(cfg: SFTConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    run = Run(
+        cfg=cfg,
+        acc=acc,
+        engine=engine,
+        autocast=autocast,
+        precision=startup.precision(cfg),
+        policy=policy,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_set=train_set,
+        eval_set=eval_set,
+        schedule=schedule,
+        tokenizer=tokenizer,
+        console=console,
+    )
+    return run, resume_from, {"train": train_stats, "eval": eval_stats}
 
 
 def new_window() -> MetricWindow:
     return MetricWindow(sums={"loss": 0.0})  # `pairs` counts trained tokens here: the loss is a token mean
-
-
-def loop(run: Run, state: TrainState, stop: StopRequest) -> None:
-    """Optimizer steps from `state.step` to the end, with logging, evaluation, checkpoints and clean stops."""
-    cfg, acc, schedule = run.cfg, run.acc, run.schedule
-    window = MetricWindow(**state.window) if state.window else new_window()
-    with progress(run.console, schedule.total_steps, state.step, "fine-tuning", "steps") as update:
-        while state.step < schedule.total_steps:
-            started = time.perf_counter()
-            before = MetricWindow(dict(window.sums), window.pairs, window.steps)
-            stats = sft_step(run, state.step, window)
-            if math.isfinite(stats["grad_norm"]) and math.isfinite(stats["loss"]):
-                run.optimizer.step()
-                window.steps += 1
-                state.nonfinite_in_a_row = 0
-            else:  # a NaN or inf reaches neither the weights nor the logged averages
-                window = before
-                state.skipped_steps += 1
-                state.nonfinite_in_a_row += 1
-                run.console.print(f"step {state.step + 1}: loss or gradient is not finite; step skipped")
-            run.optimizer.zero_grad(set_to_none=True)
-            learning_rate = run.scheduler.get_last_lr()[0]
-            run.scheduler.step()
-            state.step += 1
-            state.runtime += time.perf_counter() - started
-            state.pairs += stats["samples"]
-            state.tokens += stats["tokens"]
-            update(state.step, f"{state.tokens / state.runtime:.0f} tokens/s")
-
-            step, last = state.step, state.step == schedule.total_steps
-            if (step % cfg.logging_steps == 0 or last) and window.steps:
-                row = {"step": step, "epoch": schedule.epoch(step), **window.means(acc), "learning_rate": learning_rate}
-                timing = {"num_tokens": state.tokens, "train_seconds": round(state.runtime, 3)}
-                log_row(run, {**row, "grad_norm": stats["grad_norm"], **timing})
-                window = new_window()
-            if run.eval_set is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last):
-                log_row(run, {"step": step, "epoch": schedule.epoch(step), **evaluate(run)})
-            state.window = asdict(window)
-            if state.nonfinite_in_a_row > cfg.max_nonfinite_steps:
-                path = save(run, state)
-                raise RunStopped(
-                    f"fine-tuning stopped: the loss or gradient was NaN/inf for {state.nonfinite_in_a_row} steps in a "
-                    f"row (up to step {step}); the last good weights are in {path}; lower learning_rate or check the "
-                    "data, then continue with resume=true"
-                )
-            if cfg.save_steps and step % cfg.save_steps == 0 and not last:
-                save(run, state)
-            if stop_everywhere(acc, stop):
-                path = save(run, state)
-                raise RunStopped(
-                    f"stopped by {stop.signal_name} after step {step}; checkpoint saved in {path}; continue with "
-                    "the same command and resume=true",
-                    exit_code=128 + stop.signum,
-                )
 
 
 def sft_step(run: Run, step: int, window: MetricWindow) -> dict[str, float]:
@@ -300,7 +232,8 @@ def sft_step(run: Run, step: int, window: MetricWindow) -> dict[str, float]:
         batch = run.batch(data, idx)
         w_t = torch.tensor(example_weights(data, idx, w), device=acc.device)
         with nullcontext() if k == len(my_passes) - 1 else acc.no_sync(run.policy):
-            logps = run.policy(batch)
+            with run.autocast():
+                logps = run.policy(batch)
             nll = -logps.chosen  # (E,) summed over each example's trained tokens
             acc.backward((nll * w_t).sum() * scale)
         counts = logps.chosen_lengths.to(w_t.dtype)
@@ -312,7 +245,8 @@ def sft_step(run: Run, step: int, window: MetricWindow) -> dict[str, float]:
     grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
     local = torch.tensor([nll_sum, samples, tokens], dtype=torch.float64, device=acc.device)
     nll_total, samples, tokens_total = acc.reduce(local, "sum").tolist()
-    return {"grad_norm": float(grad_norm), "loss": nll_total / trained, "samples": samples, "tokens": tokens_total}
+    # `pairs` are samples here, as in `TrainState`
+    return {"grad_norm": float(grad_norm), "loss": nll_total / trained, "pairs": samples, "tokens": tokens_total}
 
 
 @torch.no_grad()
@@ -326,7 +260,7 @@ def evaluate(run: Run) -> dict[str, float]:
     for idx, w in passes(
         run.cfg, data, everything, run.cfg.per_device_eval_batch_size, acc.process_index, acc.num_processes
     ):
-        with acc.autocast():
+        with run.autocast():
             logps = policy(run.batch(data, idx))
         counts = logps.chosen_lengths.to(torch.float32)
         window.add(
@@ -336,25 +270,19 @@ def evaluate(run: Run) -> dict[str, float]:
     return {f"eval/{key}": value for key, value in window.means(acc).items()}
 
 
-def log_row(run: Run, row: dict[str, Any]) -> None:
-    """A line in metrics.jsonl, the trackers' scalars, and one compact console line; main process only."""
-    run.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-    if not run.acc.is_main_process:
-        return
-    with (run.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+def console_line(run: Run, row: dict[str, Any]) -> str:
+    """One compact line of a metrics row: the step, the (eval) loss, the learning rate."""
     parts = [f"step {row['step']}/{run.schedule.total_steps}"]
     parts += [f"eval loss {row['eval/loss']:.4f}"] if "eval/loss" in row else [f"loss {row['loss']:.4f}"]
     if "learning_rate" in row:
         parts += [f"lr {row['learning_rate']:.2e}", f"grad {row['grad_norm']:.3f}"]
-    run.console.print("  ".join(parts))
+    return "  ".join(parts)
 
 
 def finish(run: Run, state: TrainState) -> dict[str, Any]:
     """Save the adapter (or full model) with its tokenizer, and summary.json."""
     acc = run.acc
-    metrics = run.output_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()] if metrics.is_file() else []
+    rows = metric_rows(run.output_dir / "metrics.jsonl")
     summary = {
         "stage": "sft",
         "steps": state.step,
@@ -387,14 +315,14 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
     return summary
 
 
-def print_header(run: Run, model: Any) -> None:
+def print_header(run: Run) -> None:
     """The resolved settings that matter most and the trainable-parameter count, before the first step."""
     cfg, acc, schedule = run.cfg, run.acc, run.schedule
-    trainable, total = count_parameters(model)
+    trainable, total = count_parameters(run.unwrapped_model())
     method = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}" if cfg.use_peft else "full fine-tuning"
     run.console.print(
         f"model {cfg.model_name_or_path}: {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.2f}%), {method}; precision {acc.mixed_precision}, device {acc.device}"
+        f"({100 * trainable / total:.2f}%), {method}; precision {run.precision}, device {acc.device}"
     )
     examples = run.train_set.data.examples
     share = sum(ex.trained_tokens for ex in examples) / max(sum(ex.num_tokens for ex in examples), 1)

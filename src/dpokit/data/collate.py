@@ -11,7 +11,7 @@ plain one simply by comparing per-sequence log-probs.
   the chosen tokens and take the positions the chosen ones had, so every token sees exactly what it would see in
   the padded layout. Packed too when both are on.
 
-Packed and shared batches carry their `segments` (`attention.Segment`): segment attention runs them directly,
+Packed and shared batches carry their `segments` (`data.segments.Segment`): segment attention runs them directly,
 other attention kernels get the same rule as a dense mask (`Batch.dense_mask`).
 """
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dpokit.attention import Segment
 from dpokit.data.encode import EncodedPair
+from dpokit.data.segments import Segment
 
 
 @dataclass
