@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dpokit.attention_registry import switch_attention
 from dpokit.data.segments import Segment
 from dpokit.errors import UserError
 
@@ -116,19 +117,6 @@ def enable(model: Any) -> bool:
 
 def enabled(model: Any) -> bool:
     return getattr(model.config, "_attn_implementation", None) == NAME
-
-
-def switch_attention(model: Any, name: str, forward: Any, mask: Any) -> bool:
-    """Register `forward` and `mask` with transformers under `name` and switch a model that runs SDPA to them;
-    whether the model now runs `name`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(name, forward)
-    AttentionMaskInterface.register(name, mask)
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(name)
-    return getattr(model.config, "_attn_implementation", None) == name
 
 
 # --- which attention kernel a run uses --------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dpokit.attention import switch_attention
+from dpokit.attention_registry import switch_attention
 from dpokit.data.segments import Segment
 from dpokit.errors import UserError
 
