@@ -299,7 +299,7 @@ def test_bad_row_fails_before_the_model_loads(
             ["model_name_or_path=no-such-org/no-such-model"],
             "model `no-such-org/no-such-model` is neither a local folder",
         ),
-        (["output_dir=/proc/version/sub"], "is not writable"),
+        (["output_dir=/proc/version/sub"], "cannot be written"),
         (["resume=true"], "holds no complete checkpoint"),
     ],
 )

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpokit.errors import UserError
+from dpokit.outputs import ensure_writable
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -203,21 +204,10 @@ def prepare_output_dir(
             "replace it with overwrite_output_dir=true, or choose another output_dir"
         )
     if is_main:
-        write_probe(output_dir)
+        ensure_writable(output_dir, "output_dir")  # now, not after an hour
         if overwrite:
             for name in existing + [n for n in RUN_EXTRAS if (output_dir / n).exists()]:
                 target = output_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
         clean_incomplete(output_dir)
     return checkpoint
-
-
-def write_probe(folder: Path) -> None:
-    """Fail now, not after an hour, if nothing can be written to `folder`."""
-    probe = folder / ".write-probe"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output folder {folder} is not writable ({e.strerror}); choose another folder") from None
