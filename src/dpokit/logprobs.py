@@ -85,7 +85,9 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
 
 
 def sequence_logps_reference(model: Any, batch: Batch, ld_alpha: float | None = None, wpo: bool = False) -> PairLogps:
-    """The plain definition: full logits, labels shifted by one, masked sum (any layout, with a dense mask)."""
+    """The plain definition: full logits, labels shifted by one, masked sum, with a dense mask (padded and packed
+    layouts). In a prefix-shared row the last prompt position predicts the first token of both responses, which one
+    label per position cannot hold: the prefix-shared paths are tested against the padded layout instead."""
     logits = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask if batch.segments is None else batch.dense_mask(),
