@@ -75,6 +75,9 @@ def add_flags(parser: argparse.ArgumentParser, command: str, skip: tuple[str, ..
             kwargs["metavar"] = {int: "N", float: "X"}.get(tp, "TEXT")
         if typing.get_origin(tp) is list:
             kwargs["nargs"] = "+"
+            if f.metadata["choices"]:  # the usage line names the key; the help lists the choices
+                kwargs["metavar"] = f.name.upper()
+                kwargs["help"] += f"; one or more of {', '.join(f.metadata['choices'])}"
         group.add_argument(*names, **kwargs)
 
 
@@ -85,7 +88,7 @@ def _plain(tp: Any) -> Any:
 
 
 def _help(f: dataclasses.Field, default: Any) -> str:
-    first = re.split(r"(?<=\.) ", f.metadata["help"], maxsplit=1)[0]
+    first = re.split(r"(?<=[^.]{3}\.) (?=[A-Z])", f.metadata["help"], maxsplit=1)[0]  # not at "e.g. `x`"
     return f"{first} (key {f.name}; default: the run's, else {default!r})".replace("%", "%%")
 
 
