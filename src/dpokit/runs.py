@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from dpokit.errors import UserError
 
@@ -19,21 +20,31 @@ RUN_CONFIG = "config.yaml"  # what marks a folder as a `dpokit train` run
 PROVENANCE_FILE = "dpokit.json"  # beside a trained adapter or model: its base and the settings it was trained with
 
 
+def read_provenance(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """What training wrote beside an adapter (`PROVENANCE_FILE`): its base, quantization and settings; {} when
+    there is no such file."""
+    path = Path(adapter_dir) / PROVENANCE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise UserError(
+            f"{path} is not a valid JSON object; delete it (the base then comes from adapter_config.json, or --model)"
+        )
+    return recorded
+
+
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
     """The base an adapter belongs to: `dpokit.json`'s `base_model` (the name as the user gave it, e.g. a
     `builtin:` name) when dpokit trained it, else `base_model_name_or_path` from adapter_config.json."""
     from dpokit.models import base_model_of_adapter
 
     recorded = base_model_of_adapter(adapter_dir)  # also checks that this is an adapter folder
-    dpokit_file = Path(adapter_dir) / PROVENANCE_FILE
-    if dpokit_file.is_file():
-        try:
-            base = json.loads(dpokit_file.read_text(encoding="utf-8")).get("base_model")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise UserError(f"{dpokit_file} is not a valid JSON object; delete it to use {recorded}") from e
-        if isinstance(base, str) and base:
-            return base
-    return recorded
+    base = read_provenance(adapter_dir).get("base_model")
+    return base if isinstance(base, str) and base else recorded
 
 
 def run_folder_of(adapter_dir: str | os.PathLike | None) -> Path | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import typing
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 from dpokit.config import DPOConfig, keys
 from dpokit.config_values import coerce, read_yaml
 from dpokit.errors import UserError
-from dpokit.runs import PROVENANCE_FILE, RUN_CONFIG, adapter_base_model, run_folder_of
+from dpokit.runs import PROVENANCE_FILE, RUN_CONFIG, adapter_base_model, read_provenance, run_folder_of
 
 # Flags that keep a shorter name than their key's, the name users know from the commands' first versions.
 FLAG_NAMES = {
@@ -124,14 +123,9 @@ def saved_settings(adapter: str | None, config: str | None = None) -> tuple[dict
         return read_yaml(config), config
     if adapter is None:
         return {}, None
-    provenance = Path(adapter) / PROVENANCE_FILE
-    if provenance.is_file():
-        try:
-            saved = json.loads(provenance.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{provenance} is not valid JSON; delete it, and give the base with --model") from e
-        if isinstance(saved, dict) and isinstance(saved.get("settings"), dict):
-            return saved["settings"], str(provenance)
+    saved = read_provenance(adapter).get("settings")
+    if isinstance(saved, dict):
+        return saved, str(Path(adapter) / PROVENANCE_FILE)
     run_dir = run_folder_of(adapter)
     if run_dir is not None:
         return read_yaml(run_dir / RUN_CONFIG), str(run_dir / RUN_CONFIG)
