@@ -373,13 +373,13 @@ def _contestants(args: argparse.Namespace) -> tuple[Contestant, Contestant, tupl
     if args.model_b is None and args.adapter_b is None and answers_b is None:
         raise UserError("give --model-b and/or --adapter-b (or --answers-b): the model to compare against model A")
     view_b = resolve("compare", args, args.adapter_b, skip=("model_name_or_path",))
-    view_a = resolve("compare", args, args.adapter_a, skip=("model_name_or_path",))
-    model_a = args.model_a
+    model_a, view_a = args.model_a, view_b
     if model_a is None and args.adapter_a is None and answers_a is None:
         if answers_b is not None:
             raise UserError("give --model-a, --adapter-a or --answers-a: there is no model B whose base could be A")
         model_a = args.model_b or adapter_base_model(args.adapter_b)
-        view_a = view_b
+    else:
+        view_a = resolve("compare", args, args.adapter_a, skip=("model_name_or_path",))
     id_1 = args.name_a or _default_id(model_a, args.adapter_a, answers_a)
     id_2 = args.name_b or _default_id(args.model_b, args.adapter_b, answers_b)
     if id_1 == id_2:
