@@ -109,8 +109,7 @@ def evaluate_pairs(
 
 def run_eval(args: argparse.Namespace) -> int:
     from dpokit.console import make_console
-    from dpokit.data.load import load_pairs
-    from dpokit.data.rows import Options
+    from dpokit.data.load import load_pairs, options_of
 
     if args.adapter is None and args.reference is None:
         raise UserError(
@@ -137,7 +136,7 @@ def run_eval(args: argparse.Namespace) -> int:
         split=cfg.eval_split,
         data_config=cfg.eval_data_config,
         data_format=cfg.data_format,
-        options=Options(multi_turn=cfg.multi_turn, min_score_margin=cfg.min_score_margin, columns=cfg.columns),
+        options=options_of(cfg),
         max_bad_rows=cfg.max_bad_rows,
     )
     model, tokenizer, quant = load_with_settings(cfg, args.adapter)

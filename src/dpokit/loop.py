@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import yaml
@@ -62,24 +62,34 @@ class TrainState:
     window: dict[str, Any] | None = None  # the open logging window
 
 
-class RecipeRun(Protocol):
-    """What the loop, `save` and `resume` read of a recipe's run."""
+@dataclass(kw_only=True)
+class RecipeRun:
+    """What a recipe builds once and the loop, `save` and `resume` read: the same for train and sft, whose runs
+    add their own (the reference, how a batch is laid out)."""
 
-    cfg: Any
+    cfg: Any  # the recipe's config: DPOConfig or SFTConfig
     acc: Any
-    policy: Any
+    engine: engines.Engine
+    autocast: Any  # startup.Autocast: every forward pass runs inside it
+    precision: str  # "bf16" or "no"
+    policy: Any  # SequenceLogps, wrapped by DDP/FSDP when distributed
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    train_set: Any  # with a `fingerprint()` of its token ids
+    eval_set: Any
     schedule: Schedule
+    tokenizer: Any
     console: Any
-    engine: engines.Engine
 
     @property
-    def output_dir(self) -> Path: ...
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
 
-    def unwrapped_model(self) -> Any: ...
+    def unwrapped_model(self) -> Any:
+        return self.acc.unwrap_model(self.policy).model
 
-    def data_fingerprint(self) -> str: ...
+    def data_fingerprint(self) -> str:
+        return self.train_set.fingerprint()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from dpokit import engines, quantization, startup, trackers
+from dpokit import quantization, startup, trackers
 from dpokit.console import make_console
 from dpokit.data.collate import Batch
 from dpokit.data.sft import SFTData, collate_examples, load_sft_data, pack_examples
 from dpokit.errors import UserError
 from dpokit.logprobs import SequenceLogps
-from dpokit.loop import MetricWindow, Steps, TrainState, metric_rows, peak_memory_mb, run_recipe, write_json
+from dpokit.loop import MetricWindow, RecipeRun, Steps, TrainState, metric_rows, peak_memory_mb, run_recipe, write_json
 from dpokit.models import count_parameters, load_tokenizer
 from dpokit.runs import PROVENANCE_FILE
 from dpokit.schedule import Schedule, shard
@@ -126,35 +126,15 @@ def example_weights(data: TrainingSet, samples: Sequence[int], weights: Sequence
 
 
 @dataclass(kw_only=True)
-class Run:
-    """Everything the step loop needs; `loop.save` and `loop.resume` read the same fields as on DPO's run."""
+class Run(RecipeRun):
+    """Everything the step loop needs, built once by `set_up`: the shared run, over SFT examples."""
 
     cfg: SFTConfig
-    acc: Any
-    engine: engines.Engine
-    autocast: startup.Autocast  # every forward pass runs inside it
-    precision: str  # "bf16" or "no"
-    policy: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
     train_set: TrainingSet
     eval_set: TrainingSet | None
-    schedule: Schedule
-    tokenizer: Any
-    console: Any
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.cfg.output_dir)
 
     def batch(self, data: TrainingSet, samples: Sequence[int]) -> Batch:
         return make_batch(self.cfg, self.tokenizer.pad_token_id, data, samples, self.acc.device)
-
-    def unwrapped_model(self) -> Any:
-        return self.acc.unwrap_model(self.policy).model
-
-    def data_fingerprint(self) -> str:
-        return self.train_set.fingerprint()
 
 
 def sft(cfg: SFTConfig) -> dict[str, Any]:

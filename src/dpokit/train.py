@@ -28,13 +28,12 @@ from dpokit.console import make_console
 from dpokit.data.collate import Batch
 from dpokit.data.encode import EncodedDataset, apply_length_policy, encode_loaded
 from dpokit.data.inspection import dataset_stats
-from dpokit.data.load import load_pairs
+from dpokit.data.load import load_pairs, options_of
 from dpokit.data.markers import template_markers
-from dpokit.data.rows import Options
 from dpokit.errors import UserError
 from dpokit.layout import make_batch
 from dpokit.logprobs import PairLogps, SequenceLogps
-from dpokit.loop import MetricWindow, Steps, TrainState, metric_rows, peak_memory_mb, run_recipe, write_json
+from dpokit.loop import MetricWindow, RecipeRun, Steps, TrainState, metric_rows, peak_memory_mb, run_recipe, write_json
 from dpokit.losses import loss_settings, preference_loss
 from dpokit.models import count_parameters, load_tokenizer
 from dpokit.reference import Reference
@@ -98,37 +97,17 @@ def loss_and_metrics(
 
 
 @dataclass(kw_only=True)
-class Run:
-    """Everything the step loop needs, built once by `set_up`."""
+class Run(RecipeRun):
+    """Everything the step loop needs, built once by `set_up`: the shared run, and the references."""
 
     cfg: DPOConfig
-    acc: Any
-    engine: engines.Engine
-    autocast: startup.Autocast  # every forward pass runs inside it
-    precision: str  # "bf16" or "no"
-    policy: Any  # SequenceLogps, wrapped by DDP/FSDP when distributed
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    reference: Reference
-    eval_reference: Reference | None
     train_set: EncodedDataset
     eval_set: EncodedDataset | None
-    schedule: Schedule
-    tokenizer: Any
-    console: Any
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.cfg.output_dir)
+    reference: Reference
+    eval_reference: Reference | None
 
     def batch(self, data: EncodedDataset, indices: Sequence[int]) -> Batch:
         return make_batch(self.cfg, self.tokenizer.pad_token_id, data, indices, self.acc.device)
-
-    def unwrapped_model(self) -> Any:
-        return self.acc.unwrap_model(self.policy).model
-
-    def data_fingerprint(self) -> str:
-        return self.train_set.fingerprint()
 
 
 def train(cfg: DPOConfig) -> dict[str, Any]:
@@ -314,7 +293,7 @@ def load_split(cfg: DPOConfig, tokenizer: Any, which: str, console: Any) -> tupl
         split=cfg.train_split if which == "train" else cfg.eval_split,
         data_config=cfg.train_data_config if which == "train" else cfg.eval_data_config,
         data_format=cfg.data_format,
-        options=Options(multi_turn=cfg.multi_turn, min_score_margin=cfg.min_score_margin, columns=cfg.columns),
+        options=options_of(cfg),
         max_bad_rows=cfg.max_bad_rows,
         rejected_dir=cfg.output_dir,
     )

@@ -26,7 +26,7 @@ from dpokit.data import BadRow, LoadedPairs, Pair
 from dpokit.data.encode import EncodedPair, PairEncoding, apply_length_policy, encode_checked
 from dpokit.data.formats import FORMATS
 from dpokit.data.markers import KNOWN_MARKERS, MarkerCount, template_markers
-from dpokit.data.rows import EMPTY_RESPONSE, Options
+from dpokit.data.rows import EMPTY_RESPONSE
 from dpokit.errors import UserError
 from dpokit.settings import resolve
 
@@ -256,7 +256,7 @@ def dataset_stats(
 def run(args: argparse.Namespace) -> int:
     """`dpokit data inspect DATA`: print the statistics (or JSON), write the plot; exit 2 on too many bad rows."""
     from dpokit.data.chat_template import bad_rows_error
-    from dpokit.data.load import PairReader, write_rejected
+    from dpokit.data.load import PairReader, options_of, write_rejected
 
     view = resolve("data inspect", args, None)
     cfg = view.config
@@ -424,11 +424,6 @@ def run_formats(args: argparse.Namespace) -> int:
 
 
 # --- settings shared with `dpokit data prepare` ----------------------------------------------------------------------
-
-
-def options_of(cfg: DPOConfig) -> Options:
-    """How rows become pairs, as training reads them (`multi_turn`, `min_score_margin`, `columns`)."""
-    return Options(multi_turn=cfg.multi_turn, min_score_margin=cfg.min_score_margin, columns=cfg.columns)
 
 
 def tokenizer_of(cfg: DPOConfig) -> tuple[Any, str]:

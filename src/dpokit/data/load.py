@@ -107,6 +107,12 @@ class PairReader:
         return check_bad_rows(self.bad_rows, self.source, max_bad_rows, rejected_dir, self.notes)
 
 
+def options_of(cfg: Any) -> Options:
+    """How rows become pairs, from a config's `multi_turn`, `min_score_margin` and `columns`: the same for training,
+    evaluation and the data commands."""
+    return Options(multi_turn=cfg.multi_turn, min_score_margin=cfg.min_score_margin, columns=cfg.columns)
+
+
 def load_pairs(
     source: str,
     *,

@@ -25,8 +25,8 @@ from pathlib import Path
 from dpokit.config import DPOConfig
 from dpokit.data import Pair
 from dpokit.data.encode import apply_length_policy, encode_loaded, encode_pairs
-from dpokit.data.inspection import options_of, tokenizer_of
-from dpokit.data.load import load_pairs
+from dpokit.data.inspection import tokenizer_of
+from dpokit.data.load import load_pairs, options_of
 from dpokit.data.markers import marker_warning
 from dpokit.data.rows import KEPT_AS_GIVEN as KEPT
 from dpokit.data.rows import to_conversational

@@ -29,8 +29,7 @@ from dpokit.data import BadRow, Message
 from dpokit.data.chat_template import TemplateRefused, apply_system_message, check_refusals, refused_row
 from dpokit.data.collate import Batch, TokenSegment, lay_out, pack
 from dpokit.data.encode import common_prefix_length
-from dpokit.data.load import check_bad_rows, load_pairs
-from dpokit.data.rows import Options
+from dpokit.data.load import check_bad_rows, load_pairs, options_of
 from dpokit.data.sources import iter_rows
 from dpokit.errors import UserError
 
@@ -208,7 +207,7 @@ def chosen_examples(source: str, cfg: Any) -> tuple[list[Example], str, int, lis
         split=cfg.train_split,
         data_config=cfg.train_data_config,
         data_format=cfg.data_format,
-        options=Options(multi_turn=cfg.multi_turn, min_score_margin=cfg.min_score_margin, columns=cfg.columns),
+        options=options_of(cfg),
         max_bad_rows=cfg.max_bad_rows,
         rejected_dir=cfg.output_dir,
     )
